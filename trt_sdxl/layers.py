@@ -1,0 +1,343 @@
+"""Free functions that add TensorRT layers to a network and return the output tensor.
+
+Every model (UNet, text encoders, VAE) is written with these functions only, so that
+weight binding, dtype handling, MAC accounting and (later) Q/DQ insertion live in one
+place. A function that reads weights takes the checkpoint path of its module
+(`down_blocks.1.attentions.0.proj_in`) and binds `<path>.weight` / `<path>.bias` by
+name: a missing or mis-shaped tensor is an error, never a silent skip.
+
+Tensors are static-shaped: `shape(x)` is known at definition time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import backend
+from .errors import UserError
+
+# numpy dtype of the tensors a network computes in, by precision name
+COMPUTE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+@dataclass
+class MacRecord:
+    """One multiply-accumulate heavy op (conv, linear, attention BMM) and its cost."""
+
+    name: str
+    kind: str  # "conv" | "linear" | "bmm"
+    macs: int
+    quantized: bool = False
+
+
+@dataclass
+class Definition:
+    """A network being defined: builder, network, the weights it binds, and its bookkeeping.
+
+    The builder and every numpy array handed to TensorRT are kept here, because TensorRT
+    does not copy weights until the engine is built.
+    """
+
+    network: object
+    builder: object
+    weights: object  # trt_sdxl.weights.Component
+    precision: str = "fp16"
+    macs: list[MacRecord] = field(default_factory=list)
+    _keep: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    @property
+    def dtype(self):
+        return COMPUTE_DTYPES[self.precision]
+
+    @property
+    def trt_dtype(self):
+        return trt_dtype(self.dtype)
+
+    def keep(self, array: np.ndarray) -> np.ndarray:
+        self._keep.append(array)
+        return array
+
+    def param(self, name: str, shape: tuple[int, ...], dtype=None) -> np.ndarray:
+        """The checkpoint tensor `name`, checked to have `shape`, in `dtype` (default: compute dtype)."""
+        array = self.weights.get(name, dtype=dtype or self.dtype, shape=tuple(shape))
+        return self.keep(np.ascontiguousarray(array))
+
+
+def new_definition(weights, precision: str = "fp16") -> Definition:
+    if precision not in COMPUTE_DTYPES:
+        raise UserError(f"precision {precision!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+    builder, network = backend.get().create_network()
+    return Definition(network=network, builder=builder, weights=weights, precision=precision)
+
+
+def trt_dtype(np_dtype):
+    trt = backend.trt()
+    return {
+        np.dtype(np.float32): trt.float32,
+        np.dtype(np.float16): trt.float16,
+        np.dtype(np.int32): trt.int32,
+        np.dtype(np.int64): trt.int64,
+        np.dtype(np.bool_): trt.bool,
+    }[np.dtype(np_dtype)]
+
+
+def shape(x) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def _named(layer, name: str | None):
+    if name:
+        layer.name = name
+    return layer.get_output(0)
+
+
+# ---------------------------------------------------------------- plumbing
+
+
+def constant(d: Definition, array: np.ndarray, name: str | None = None):
+    array = d.keep(np.ascontiguousarray(array))
+    return _named(d.network.add_constant(array.shape, array), name)
+
+
+def scalar_like(d: Definition, value: float, x):
+    """A constant of x's rank (all ones dims) and x's dtype, for broadcasting elementwise ops."""
+    np_dtype = np.float16 if x.dtype == backend.trt().float16 else np.float32
+    return constant(d, np.full((1,) * len(shape(x)), value, dtype=np_dtype))
+
+
+def cast(d: Definition, x, np_dtype, name: str | None = None):
+    if x.dtype == trt_dtype(np_dtype):
+        return x
+    return _named(d.network.add_cast(x, trt_dtype(np_dtype)), name)
+
+
+def elementwise(d: Definition, a, b, op: str, name: str | None = None):
+    trt = backend.trt()
+    return _named(d.network.add_elementwise(a, b, getattr(trt.ElementWiseOperation, op)), name)
+
+
+def add(d: Definition, a, b, name=None):
+    return elementwise(d, a, b, "SUM", name)
+
+
+def mul(d: Definition, a, b, name=None):
+    return elementwise(d, a, b, "PROD", name)
+
+
+def unary(d: Definition, x, op: str, name=None):
+    return _named(d.network.add_unary(x, getattr(backend.trt().UnaryOperation, op)), name)
+
+
+def activation(d: Definition, x, kind: str, name=None):
+    return _named(d.network.add_activation(x, getattr(backend.trt().ActivationType, kind)), name)
+
+
+def silu(d: Definition, x, name=None):
+    """silu(x) = x * sigmoid(x)."""
+    return mul(d, x, activation(d, x, "SIGMOID"), name)
+
+
+def gelu(d: Definition, x, name=None):
+    """gelu(x) = 0.5 x (1 + erf(x / sqrt 2))."""
+    return activation(d, x, "GELU_ERF", name)
+
+
+def reshape(d: Definition, x, dims, first_transpose=None, second_transpose=None, name=None):
+    layer = d.network.add_shuffle(x)
+    if first_transpose is not None:
+        layer.first_transpose = tuple(first_transpose)
+    if dims is not None:
+        layer.reshape_dims = tuple(dims)
+    if second_transpose is not None:
+        layer.second_transpose = tuple(second_transpose)
+    return _named(layer, name)
+
+
+def transpose(d: Definition, x, perm, name=None):
+    return reshape(d, x, None, first_transpose=perm, name=name)
+
+
+def concat(d: Definition, tensors, axis: int, name=None):
+    layer = d.network.add_concatenation(list(tensors))
+    layer.axis = axis
+    return _named(layer, name)
+
+
+def slice_axis(d: Definition, x, axis: int, start: int, size: int, name=None):
+    dims = shape(x)
+    starts = [0] * len(dims)
+    sizes = list(dims)
+    starts[axis], sizes[axis] = start, size
+    return _named(d.network.add_slice(x, tuple(starts), tuple(sizes), (1,) * len(dims)), name)
+
+
+# ---------------------------------------------------------------- weighted layers
+
+
+def conv2d(d: Definition, x, path: str, out_channels: int, kernel: int, stride: int = 1,
+           padding: int = 0, bias: bool = True):
+    """Conv2d from `<path>.weight` [O, C, k, k] and `<path>.bias` [O]; x: [B, C, H, W]."""
+    b, c, h, w = shape(x)
+    weight = d.param(f"{path}.weight", (out_channels, c, kernel, kernel))
+    bias_array = d.param(f"{path}.bias", (out_channels,)) if bias else None
+    layer = d.network.add_convolution_nd(x, out_channels, (kernel, kernel), weight, bias_array)
+    layer.stride_nd = (stride, stride)
+    layer.padding_nd = (padding, padding)
+    layer.name = path
+    y = layer.get_output(0)  # [B, O, H', W']
+    _, _, ho, wo = shape(y)
+    d.macs.append(MacRecord(path, "conv", b * out_channels * ho * wo * c * kernel * kernel))
+    return y
+
+
+def linear(d: Definition, x, path: str, out_features: int, bias: bool = True, weight_scale: float = 1.0):
+    """y = x W^T + b from `<path>.weight` [out, in]; x: [..., in] -> [..., out].
+
+    `weight_scale` folds a constant factor into W and b (the attention 1/sqrt(d) goes here,
+    as TensorRT wants Q pre-scaled), costing one copy of that weight.
+    """
+    dims = shape(x)
+    in_features = dims[-1]
+    weight = d.param(f"{path}.weight", (out_features, in_features))
+    if weight_scale != 1.0:
+        weight = d.keep((weight.astype(np.float32) * weight_scale).astype(d.dtype))
+    rank = len(dims)
+    w = constant(d, weight.reshape((1,) * (rank - 2) + weight.shape), name=f"{path}.weight")
+    trt = backend.trt()
+    y = _named(d.network.add_matrix_multiply(x, trt.MatrixOperation.NONE, w, trt.MatrixOperation.TRANSPOSE),
+               path)  # [..., out]
+    d.macs.append(MacRecord(path, "linear", int(np.prod(dims[:-1])) * in_features * out_features))
+    if bias:
+        b = d.param(f"{path}.bias", (out_features,))
+        if weight_scale != 1.0:
+            b = d.keep((b.astype(np.float32) * weight_scale).astype(d.dtype))
+        y = add(d, y, constant(d, b.reshape((1,) * (rank - 1) + (out_features,))), name=f"{path}.bias")
+    return y
+
+
+def group_norm(d: Definition, x, path: str, groups: int, eps: float):
+    """GroupNorm over [B, C, H, W] with `<path>.weight`/`.bias` [C] (TensorRT normalization layer)."""
+    be = backend.get()
+    _, c, _, _ = shape(x)
+    gamma = d.param(f"{path}.weight", (c,)).reshape(1, c, 1, 1)
+    beta = d.param(f"{path}.bias", (c,)).reshape(1, c, 1, 1)
+    if be.has_normalization_v2:
+        layer = be.add_normalization(d.network, x, constant(d, gamma), constant(d, beta), 0b1100)
+        layer.num_groups = groups
+        layer.epsilon = eps
+        return _named(layer, path)
+    # Legacy API: scale/bias are per group, so normalize with unit affine and apply ours after.
+    ones = np.ones((1, groups, 1, 1), d.dtype)
+    zeros = np.zeros((1, groups, 1, 1), d.dtype)
+    layer = be.add_normalization(d.network, x, constant(d, ones), constant(d, zeros), 0b1100)
+    layer.num_groups = groups
+    layer.epsilon = eps
+    y = _named(layer, path)
+    return add(d, mul(d, y, constant(d, gamma)), constant(d, beta), name=f"{path}.affine")
+
+
+def layer_norm(d: Definition, x, path: str, eps: float = 1e-5):
+    """LayerNorm over the last axis of x [..., C] with `<path>.weight`/`.bias` [C]."""
+    dims = shape(x)
+    c = dims[-1]
+    rank = len(dims)
+    gamma = d.param(f"{path}.weight", (c,)).reshape((1,) * (rank - 1) + (c,))
+    beta = d.param(f"{path}.bias", (c,)).reshape((1,) * (rank - 1) + (c,))
+    layer = backend.get().add_normalization(d.network, x, constant(d, gamma), constant(d, beta), 1 << (rank - 1))
+    layer.epsilon = eps
+    return _named(layer, path)
+
+
+def geglu(d: Definition, x, path: str, inner: int):
+    """diffusers GEGLU: [h, gate] = x W^T + b (2*inner features); h * gelu(gate)."""
+    proj = linear(d, x, f"{path}.proj", 2 * inner)  # [B, S, 2*inner]
+    rank = len(shape(proj))
+    hidden = slice_axis(d, proj, rank - 1, 0, inner)
+    gate = slice_axis(d, proj, rank - 1, inner, inner)
+    return mul(d, hidden, gelu(d, gate), name=f"{path}.mul")
+
+
+def upsample_nearest2x(d: Definition, x, name=None):
+    """Nearest-neighbour 2x upsampling of [B, C, H, W]: out[i, j] = in[i // 2, j // 2]."""
+    trt = backend.trt()
+    layer = d.network.add_resize(x)
+    layer.resize_mode = trt.InterpolationMode.NEAREST
+    layer.coordinate_transformation = trt.ResizeCoordinateTransformation.ASYMMETRIC
+    layer.nearest_rounding = trt.ResizeRoundMode.FLOOR
+    layer.scales = (1.0, 1.0, 2.0, 2.0)
+    return _named(layer, name)
+
+
+def timestep_embedding(d: Definition, t, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
+                       max_period: float = 10000.0, name=None):
+    """Sinusoidal embedding of t [N] (fp32) -> [N, dim] (fp32).
+
+    freqs_i = exp(-ln(max_period) * i / (dim/2 - freq_shift)); emb = [sin(t f), cos(t f)]
+    (cos first when flip_sin_to_cos), as in DDPM / diffusers' get_timestep_embedding.
+    Computed in fp32: t * f reaches ~1000 rad, where fp16 sin/cos would be meaningless.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * np.arange(half, dtype=np.float64) / (half - freq_shift)
+    freqs = np.exp(exponent).astype(np.float32).reshape(1, half)
+    (n,) = shape(t)
+    t2 = reshape(d, t, (n, 1))  # [N, 1]
+    arg = mul(d, t2, constant(d, freqs))  # [N, half]
+    sin, cos = unary(d, arg, "SIN"), unary(d, arg, "COS")
+    return concat(d, [cos, sin] if flip_sin_to_cos else [sin, cos], axis=1, name=name)  # [N, dim]
+
+
+def attention(d: Definition, q, k, v, name: str):
+    """softmax(q k^T) v over [B, N, S, D]; q must be pre-scaled by 1/sqrt(D).
+
+    Uses TensorRT's fused attention layer where the backend has one (decomposable, so a
+    head size without a fused kernel still builds), else matmul-softmax-matmul.
+    """
+    be = backend.get()
+    trt = be.module
+    b, n, sq, dh = shape(q)
+    sk = shape(k)[2]
+    d.macs.append(MacRecord(f"{name}.bmm1", "bmm", b * n * sq * sk * dh))
+    d.macs.append(MacRecord(f"{name}.bmm2", "bmm", b * n * sq * sk * dh))
+    if be.has_attention_layer:
+        att = d.network.add_attention(q, k, v, trt.AttentionNormalizationOp.SOFTMAX, False)
+        att.decomposable = True
+        att.name = name
+        return att.get_output(0)  # [B, N, Sq, D]
+    scores = _named(d.network.add_matrix_multiply(q, trt.MatrixOperation.NONE, k, trt.MatrixOperation.TRANSPOSE),
+                    f"{name}.bmm1")  # [B, N, Sq, Sk]
+    softmax = d.network.add_softmax(scores)
+    softmax.axes = 1 << 3
+    probs = _named(softmax, f"{name}.softmax")
+    return _named(d.network.add_matrix_multiply(probs, trt.MatrixOperation.NONE, v, trt.MatrixOperation.NONE),
+                  f"{name}.bmm2")  # [B, N, Sq, D]
+
+
+def multi_head_attention(d: Definition, x, context, path: str, heads: int, out_bias: bool = True):
+    """diffusers Attention with linear q/k/v (no bias) and `to_out.0`; x [B, S, C], context [B, T, Cc]."""
+    b, s, c = shape(x)
+    t = shape(context)[1]
+    head_dim = c // heads
+    q = linear(d, x, f"{path}.to_q", c, bias=False, weight_scale=1.0 / math.sqrt(head_dim))  # [B, S, C]
+    k = linear(d, context, f"{path}.to_k", c, bias=False)  # [B, T, C]
+    v = linear(d, context, f"{path}.to_v", c, bias=False)  # [B, T, C]
+    q = reshape(d, q, (b, s, heads, head_dim), second_transpose=(0, 2, 1, 3))  # [B, N, S, D]
+    k = reshape(d, k, (b, t, heads, head_dim), second_transpose=(0, 2, 1, 3))  # [B, N, T, D]
+    v = reshape(d, v, (b, t, heads, head_dim), second_transpose=(0, 2, 1, 3))  # [B, N, T, D]
+    o = attention(d, q, k, v, name=f"{path}.attention")  # [B, N, S, D]
+    o = reshape(d, o, (b, s, c), first_transpose=(0, 2, 1, 3))  # [B, S, C]
+    return linear(d, o, f"{path}.to_out.0", c, bias=out_bias)
+
+
+def mark_output(d: Definition, x, name: str, np_dtype=None):
+    if np_dtype is not None:
+        x = cast(d, x, np_dtype)
+    x.name = name
+    d.network.mark_output(x)
+    return x
+
+
+def add_input(d: Definition, name: str, dims, np_dtype):
+    return d.network.add_input(name, trt_dtype(np_dtype), tuple(dims))
