@@ -1,0 +1,1 @@
+"""Networks for the SDXL components: unet, (later) clip text encoders and vae."""
