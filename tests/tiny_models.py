@@ -69,8 +69,10 @@ TINY_UNET_CONFIGS = {
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=2,
         attention_head_dim=[2, 4, 4, 4],
-        # the refiner embeds 5 time ids (with the aesthetic score) instead of 6
+        # the refiner embeds 5 time ids (with the aesthetic score) instead of 6, and attends to
+        # text_encoder_2's hidden states alone, whose width is the pooled width
         projection_class_embeddings_input_dim=TINY_TIME_EMBED_DIM * 5 + TINY_POOLED_DIM,
+        cross_attention_dim=TINY_POOLED_DIM,
     ),
 }
 

@@ -28,10 +28,13 @@ INSTALL_HINT = (
 # feature check named here (tests/test_backend.py holds the package to this list).
 _ATTENTION_API = ("add_attention", "IAttention", "IAttentionBoundaryLayer", "AttentionNormalizationOp",
                   "ATTENTION_INPUT", "ATTENTION_OUTPUT", "attention", "decomposable", "norm_op", "causal",
-                  "normalization_quantize_scale", "normalization_quantize_to_type")
+                  "normalization_quantize_scale", "normalization_quantize_to_type", "mask")
+# Attention attributes newer than the attention layer itself (TensorRT 11, TensorRT-RTX 1.7);
+# netexec reads them only where `hasattr` says they exist, else falls back to `causal`.
+_ATTENTION_V2_API = ("causal_kind", "query_form", "key_value_form", "key_value_lengths")
 _AOT_API = ("ComputeCapability", "set_compute_capability", "num_compute_capabilities")
 _NORMALIZATION_V2_API = ("add_normalization_v2",)
-FEATURE_GATED = frozenset(_ATTENTION_API + _AOT_API + _NORMALIZATION_V2_API)
+FEATURE_GATED = frozenset(_ATTENTION_API + _ATTENTION_V2_API + _AOT_API + _NORMALIZATION_V2_API)
 
 
 def _has_all(module: ModuleType, names: tuple[str, ...], owners: tuple[str, ...]) -> bool:

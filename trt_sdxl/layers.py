@@ -283,7 +283,7 @@ def timestep_embedding(d: Definition, t, dim: int, flip_sin_to_cos: bool = True,
     exponent = -math.log(max_period) * np.arange(half, dtype=np.float64) / (half - freq_shift)
     freqs = np.exp(exponent).astype(np.float32).reshape(1, half)
     (n,) = shape(t)
-    t2 = reshape(d, t, (n, 1))  # [N, 1]
+    t2 = reshape(d, cast(d, t, np.float32), (n, 1))  # [N, 1]
     arg = mul(d, t2, constant(d, freqs))  # [N, half]
     sin, cos = unary(d, arg, "SIN"), unary(d, arg, "COS")
     return concat(d, [cos, sin] if flip_sin_to_cos else [sin, cos], axis=1, name=name)  # [N, dim]

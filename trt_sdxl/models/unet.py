@@ -42,8 +42,18 @@ class UNetConfig:
         return self.block_out_channels[0] * 4
 
     @property
+    def num_time_ids(self) -> int:
+        """6 for SDXL base (size, crop, target size); 5 for the refiner (size, crop, aesthetic score).
+
+        The refiner attends to text_encoder_2's hidden states alone, so its cross-attention
+        width equals the pooled text width: that is how its config gives it away.
+        """
+        five = self.projection_class_embeddings_input_dim - 5 * self.addition_time_embed_dim
+        return 5 if five == self.cross_attention_dim else 6
+
+    @property
     def text_embeds_dim(self) -> int:
-        return self.projection_class_embeddings_input_dim - 6 * self.addition_time_embed_dim
+        return self.projection_class_embeddings_input_dim - self.num_time_ids * self.addition_time_embed_dim
 
 
 def _per_block(value, n: int, key: str) -> tuple[int, ...]:
@@ -182,9 +192,10 @@ def unet(d: Definition, cfg: UNetConfig, sample, timestep, context, text_embeds,
     # time and added (text_time) conditioning, computed in fp32, then the compute dtype
     t_emb = L.timestep_embedding(d, timestep, ch0, cfg.flip_sin_to_cos, cfg.freq_shift)  # [B, ch0]
     emb = time_embedding(d, L.cast(d, t_emb, d.dtype), "time_embedding", ch0, cfg.time_embed_dim)
-    ids = L.reshape(d, time_ids, (b * 6,))  # [B, 6] -> [B*6]
+    n_ids = cfg.num_time_ids
+    ids = L.reshape(d, time_ids, (b * n_ids,))  # [B, 6] -> [B*6]
     ids_emb = L.timestep_embedding(d, ids, cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
-    ids_emb = L.reshape(d, L.cast(d, ids_emb, d.dtype), (b, 6 * cfg.addition_time_embed_dim))  # [B, 6*256]
+    ids_emb = L.reshape(d, L.cast(d, ids_emb, d.dtype), (b, n_ids * cfg.addition_time_embed_dim))  # [B, 6*256]
     add_in = L.concat(d, [text_embeds, ids_emb], axis=1)  # [B, projection_class_embeddings_input_dim]
     aug = time_embedding(d, add_in, "add_embedding", cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
     emb = L.add(d, emb, aug, name="emb")  # [B, 4*ch0]
@@ -252,7 +263,7 @@ def input_specs(cfg: UNetConfig, batch: int, latent_height: int, latent_width: i
         "timestep": ((batch,), np.float32),
         "encoder_hidden_states": ((batch, 77, cfg.cross_attention_dim), dtype),
         "text_embeds": ((batch, cfg.text_embeds_dim), dtype),
-        "time_ids": ((batch, 6), np.float32),
+        "time_ids": ((batch, cfg.num_time_ids), np.float32),
     }
 
 
@@ -261,7 +272,7 @@ def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 
     """Define the UNet of `model` (pipeline folder, `unet/` folder, single file or opened component).
 
     Inputs as diffusers' UNet arguments: `sample` [B, 4, h, w], `timestep` [B] (fp32),
-    `encoder_hidden_states` [B, 77, 2048], `text_embeds` [B, 1280], `time_ids` [B, 6] (fp32);
+    `encoder_hidden_states` [B, 77, 2048], `text_embeds` [B, 1280], `time_ids` [B, 6] (fp32; [B, 5] for the refiner);
     output `noise_pred` [B, 4, h, w].
     """
     from .. import weights as W
