@@ -145,6 +145,11 @@ def gelu(d: Definition, x, name=None):
     return activation(d, x, "GELU_ERF", name)
 
 
+def quick_gelu(d: Definition, x, name=None):
+    """quick_gelu(x) = x * sigmoid(1.702 x) (OpenAI CLIP)."""
+    return mul(d, x, activation(d, mul(d, x, scalar_like(d, 1.702, x)), "SIGMOID"), name)
+
+
 def reshape(d: Definition, x, dims, first_transpose=None, second_transpose=None, name=None):
     layer = d.network.add_shuffle(x)
     if first_transpose is not None:
@@ -289,11 +294,19 @@ def timestep_embedding(d: Definition, t, dim: int, flip_sin_to_cos: bool = True,
     return concat(d, [cos, sin] if flip_sin_to_cos else [sin, cos], axis=1, name=name)  # [N, dim]
 
 
-def attention(d: Definition, q, k, v, name: str):
-    """softmax(q k^T) v over [B, N, S, D]; q must be pre-scaled by 1/sqrt(D).
+def causal_mask(d: Definition, sq: int, sk: int, np_dtype):
+    """Additive [1, 1, Sq, Sk] mask: 0 where key j <= query i, a large negative number above the diagonal."""
+    upper = np.triu(np.ones((sq, sk), dtype=bool), k=1)
+    return constant(d, np.where(upper, np.finfo(np_dtype).min, 0).astype(np_dtype).reshape(1, 1, sq, sk))
+
+
+def attention(d: Definition, q, k, v, name: str, causal: bool = False):
+    """softmax(q k^T [+ causal mask]) v over [B, N, S, D]; q must be pre-scaled by 1/sqrt(D).
 
     Uses TensorRT's fused attention layer where the backend has one (decomposable, so a
-    head size without a fused kernel still builds), else matmul-softmax-matmul.
+    head size without a fused kernel still builds), else matmul-softmax-matmul. The causal
+    mask (CLIP's text encoders) is an explicit additive mask in both forms, which every
+    TensorRT version reads the same way.
     """
     be = backend.get()
     trt = be.module
@@ -301,13 +314,19 @@ def attention(d: Definition, q, k, v, name: str):
     sk = shape(k)[2]
     d.macs.append(MacRecord(f"{name}.bmm1", "bmm", b * n * sq * sk * dh))
     d.macs.append(MacRecord(f"{name}.bmm2", "bmm", b * n * sq * sk * dh))
+    np_dtype = np.float16 if q.dtype == trt.float16 else np.float32
+    mask = causal_mask(d, sq, sk, np_dtype) if causal else None
     if be.has_attention_layer:
         att = d.network.add_attention(q, k, v, trt.AttentionNormalizationOp.SOFTMAX, False)
         att.decomposable = True
+        if mask is not None:
+            att.mask = mask
         att.name = name
         return att.get_output(0)  # [B, N, Sq, D]
     scores = _named(d.network.add_matrix_multiply(q, trt.MatrixOperation.NONE, k, trt.MatrixOperation.TRANSPOSE),
                     f"{name}.bmm1")  # [B, N, Sq, Sk]
+    if mask is not None:
+        scores = add(d, scores, mask, name=f"{name}.mask")
     softmax = d.network.add_softmax(scores)
     softmax.axes = 1 << 3
     probs = _named(softmax, f"{name}.softmax")
@@ -315,20 +334,42 @@ def attention(d: Definition, q, k, v, name: str):
                   f"{name}.bmm2")  # [B, N, Sq, D]
 
 
-def multi_head_attention(d: Definition, x, context, path: str, heads: int, out_bias: bool = True):
-    """diffusers Attention with linear q/k/v (no bias) and `to_out.0`; x [B, S, C], context [B, T, Cc]."""
+def multi_head_attention(d: Definition, x, context, path: str, heads: int, qkv_bias: bool = False,
+                         causal: bool = False, names=("to_q", "to_k", "to_v", "to_out.0")):
+    """Multi-head attention with linear q/k/v/out projections; x [B, S, C], context [B, T, Cc] -> [B, S, C].
+
+    `names` are the projections' module names under `path`: diffusers' Attention uses
+    to_q/to_k/to_v/to_out.0 (q/k/v without bias in the UNet, with bias in the VAE), CLIP
+    uses q_proj/k_proj/v_proj/out_proj (all with bias).
+    """
     b, s, c = shape(x)
     t = shape(context)[1]
     head_dim = c // heads
-    q = linear(d, x, f"{path}.to_q", c, bias=False, weight_scale=1.0 / math.sqrt(head_dim))  # [B, S, C]
-    k = linear(d, context, f"{path}.to_k", c, bias=False)  # [B, T, C]
-    v = linear(d, context, f"{path}.to_v", c, bias=False)  # [B, T, C]
+    nq, nk, nv, no = (f"{path}.{n}" for n in names)
+    q = linear(d, x, nq, c, bias=qkv_bias, weight_scale=1.0 / math.sqrt(head_dim))  # [B, S, C]
+    k = linear(d, context, nk, c, bias=qkv_bias)  # [B, T, C]
+    v = linear(d, context, nv, c, bias=qkv_bias)  # [B, T, C]
     q = reshape(d, q, (b, s, heads, head_dim), second_transpose=(0, 2, 1, 3))  # [B, N, S, D]
     k = reshape(d, k, (b, t, heads, head_dim), second_transpose=(0, 2, 1, 3))  # [B, N, T, D]
     v = reshape(d, v, (b, t, heads, head_dim), second_transpose=(0, 2, 1, 3))  # [B, N, T, D]
-    o = attention(d, q, k, v, name=f"{path}.attention")  # [B, N, S, D]
+    o = attention(d, q, k, v, name=f"{path}.attention", causal=causal)  # [B, N, S, D]
     o = reshape(d, o, (b, s, c), first_transpose=(0, 2, 1, 3))  # [B, S, C]
-    return linear(d, o, f"{path}.to_out.0", c, bias=out_bias)
+    return linear(d, o, no, c)
+
+
+def embedding(d: Definition, ids, path: str, num: int, dim: int, name: str | None = None):
+    """Row lookup: `<path>.weight` [num, dim] gathered by integer ids [...] -> [..., dim]."""
+    table = constant(d, d.param(f"{path}.weight", (num, dim)), name=f"{path}.weight")
+    return _named(d.network.add_gather(table, ids, 0), name or path)
+
+
+def argmax_last(d: Definition, x, name: str | None = None):
+    """Index of the largest value along the last axis of a float32 [B, S] tensor -> int32 [B, 1]."""
+    trt = backend.trt()
+    layer = d.network.add_topk(x, trt.TopKOperation.MAX, 1, 1 << (len(shape(x)) - 1))
+    if name:
+        layer.name = name
+    return layer.get_output(1)
 
 
 def mark_output(d: Definition, x, name: str, np_dtype=None):

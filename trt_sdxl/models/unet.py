@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import layers as L
+from . import blocks as B
 from ..errors import UserError
 from ..layers import Definition, shape
 
@@ -130,20 +131,6 @@ def time_embedding(d: Definition, x, path: str, in_dim: int, out_dim: int):
     return L.linear(d, L.silu(d, h), f"{path}.linear_2", out_dim)
 
 
-def resnet(d: Definition, x, temb_silu, path: str, out_channels: int, cfg: UNetConfig):
-    """ResnetBlock2D: GN-SiLU-conv, + time projection, GN-SiLU-conv, + (1x1-projected) input."""
-    c = shape(x)[1]
-    h = L.silu(d, L.group_norm(d, x, f"{path}.norm1", cfg.norm_num_groups, cfg.norm_eps))
-    h = L.conv2d(d, h, f"{path}.conv1", out_channels, 3, padding=1)  # [B, O, H, W]
-    t = L.linear(d, temb_silu, f"{path}.time_emb_proj", out_channels)  # [B, O]
-    b = shape(t)[0]
-    h = L.add(d, h, L.reshape(d, t, (b, out_channels, 1, 1)))
-    h = L.silu(d, L.group_norm(d, h, f"{path}.norm2", cfg.norm_num_groups, cfg.norm_eps))
-    h = L.conv2d(d, h, f"{path}.conv2", out_channels, 3, padding=1)
-    shortcut = x if c == out_channels else L.conv2d(d, x, f"{path}.conv_shortcut", out_channels, 1)
-    return L.add(d, shortcut, h, name=f"{path}.residual")
-
-
 def transformer_block(d: Definition, x, context, path: str, heads: int):
     """BasicTransformerBlock: self-attention, cross-attention, GEGLU feed-forward, each pre-LN + residual."""
     c = shape(x)[2]
@@ -168,17 +155,6 @@ def spatial_transformer(d: Definition, x, context, path: str, heads: int, depth:
     h = L.linear(d, h, f"{path}.proj_out", c)
     h = L.reshape(d, h, (b, hh, ww, c), second_transpose=(0, 3, 1, 2))  # [B, HW, C] -> [B, C, H, W]
     return L.add(d, h, x, name=f"{path}.residual")
-
-
-def downsample(d: Definition, x, path: str):
-    """Downsample2D: 3x3 conv, stride 2, padding 1."""
-    return L.conv2d(d, x, f"{path}.conv", shape(x)[1], 3, stride=2, padding=1)
-
-
-def upsample(d: Definition, x, path: str):
-    """Upsample2D: nearest 2x, then 3x3 conv."""
-    h = L.upsample_nearest2x(d, x, name=f"{path}.interpolate")
-    return L.conv2d(d, h, f"{path}.conv", shape(x)[1], 3, padding=1)
 
 
 # ---------------------------------------------------------------- the whole UNet
@@ -208,19 +184,19 @@ def unet(d: Definition, cfg: UNetConfig, sample, timestep, context, text_embeds,
         out = cfg.block_out_channels[i]
         path = f"down_blocks.{i}"
         for j in range(cfg.layers_per_block):
-            h = resnet(d, h, temb_silu, f"{path}.resnets.{j}", out, cfg)
+            h = B.resnet(d, h, temb_silu, f"{path}.resnets.{j}", out, cfg.norm_num_groups, cfg.norm_eps)
             if block_type == "CrossAttnDownBlock2D":
                 h = spatial_transformer(d, h, context, f"{path}.attentions.{j}", cfg.heads[i],
                                         cfg.transformer_depth[i], cfg)
             skips.append(h)
         if i < n_blocks - 1:
-            h = downsample(d, h, f"{path}.downsamplers.0")  # [B, C, h/2, w/2]
+            h = B.downsample(d, h, f"{path}.downsamplers.0")  # [B, C, h/2, w/2]
             skips.append(h)
 
     top = cfg.block_out_channels[-1]
-    h = resnet(d, h, temb_silu, "mid_block.resnets.0", top, cfg)
+    h = B.resnet(d, h, temb_silu, "mid_block.resnets.0", top, cfg.norm_num_groups, cfg.norm_eps)
     h = spatial_transformer(d, h, context, "mid_block.attentions.0", cfg.heads[-1], cfg.transformer_depth[-1], cfg)
-    h = resnet(d, h, temb_silu, "mid_block.resnets.1", top, cfg)
+    h = B.resnet(d, h, temb_silu, "mid_block.resnets.1", top, cfg.norm_num_groups, cfg.norm_eps)
 
     rev_channels = list(reversed(cfg.block_out_channels))
     rev_heads = list(reversed(cfg.heads))
@@ -230,12 +206,12 @@ def unet(d: Definition, cfg: UNetConfig, sample, timestep, context, text_embeds,
         for j in range(cfg.layers_per_block + 1):
             skip = skips.pop()
             h = L.concat(d, [h, skip], axis=1, name=f"{path}.resnets.{j}.skip_concat")  # [B, C+Cs, H, W]
-            h = resnet(d, h, temb_silu, f"{path}.resnets.{j}", out, cfg)
+            h = B.resnet(d, h, temb_silu, f"{path}.resnets.{j}", out, cfg.norm_num_groups, cfg.norm_eps)
             if block_type == "CrossAttnUpBlock2D":
                 h = spatial_transformer(d, h, context, f"{path}.attentions.{j}", rev_heads[i],
                                         cfg.transformer_depth_up[i], cfg)
         if i < n_blocks - 1:
-            h = upsample(d, h, f"{path}.upsamplers.0")  # [B, C, 2H, 2W]
+            h = B.upsample(d, h, f"{path}.upsamplers.0")  # [B, C, 2H, 2W]
 
     h = L.silu(d, L.group_norm(d, h, "conv_norm_out", cfg.norm_num_groups, cfg.norm_eps))
     return L.conv2d(d, h, "conv_out", cfg.out_channels, 3, padding=1)  # [B, out, h, w]
