@@ -173,6 +173,7 @@ class Component:
         self.files = files
         self._entries = entries
         self.consumed: set[str] = set()
+        self.skipped: dict[str, str] = {}
 
     def __enter__(self) -> Component:
         return self
@@ -235,6 +236,13 @@ class Component:
             array = array.astype(want)
         self.consumed.add(key)
         return array
+
+    def skip(self, key: str, reason: str) -> None:
+        """Mark tensor `key` as deliberately unused by the network (e.g. the text encoder 1 layer after
+        the penultimate one SDXL reads); `reason` documents why at the call site."""
+        self._entry(key)
+        self.skipped[key] = reason
+        self.consumed.add(key)
 
     def check_all_consumed(self) -> None:
         """UserError if any tensor was never read: the network and the checkpoint disagree."""
