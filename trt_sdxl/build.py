@@ -166,7 +166,8 @@ def define_component(component: str, model, precision: str, batch: int, latent_h
     if component == "unet":
         from .models import unet
 
-        return unet.define(model, precision=precision, batch=batch, latent_height=latent_h, latent_width=latent_w)
+        return unet.define(model, precision=precision, batch=batch, latent_height=latent_h, latent_width=latent_w,
+                           progress=lambda message: log(f"{component}: {message}"))
     raise UserError(f"--components {component}: expected one of {', '.join(COMPONENTS)}")
 
 

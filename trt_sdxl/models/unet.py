@@ -82,6 +82,8 @@ def parse_config(cfg: dict) -> UNetConfig:
         got = cfg.get(key, value)
         if isinstance(got, list):
             got = got[0] if len(set(got)) == 1 else got
+        if value is False and got is None:  # published configs write null for "off"
+            got = False
         if got != value:
             raise UserError(f"unet config {key}={got!r} is not supported (SDXL UNets use {value!r})")
     down = tuple(cfg["down_block_types"])
@@ -160,8 +162,12 @@ def spatial_transformer(d: Definition, x, context, path: str, heads: int, depth:
 # ---------------------------------------------------------------- the whole UNet
 
 
-def unet(d: Definition, cfg: UNetConfig, sample, timestep, context, text_embeds, time_ids):
-    """The SDXL UNet forward; returns noise_pred [B, out_channels, h, w] in the compute dtype."""
+def unet(d: Definition, cfg: UNetConfig, sample, timestep, context, text_embeds, time_ids, progress=None):
+    """The SDXL UNet forward; returns noise_pred [B, out_channels, h, w] in the compute dtype.
+
+    `progress(message)` is called after each block (the full SDXL UNet has ~5000 layers).
+    """
+    report = progress or (lambda message: None)
     b = shape(sample)[0]
     ch0 = cfg.block_out_channels[0]
 
@@ -192,11 +198,13 @@ def unet(d: Definition, cfg: UNetConfig, sample, timestep, context, text_embeds,
         if i < n_blocks - 1:
             h = B.downsample(d, h, f"{path}.downsamplers.0")  # [B, C, h/2, w/2]
             skips.append(h)
+        report(f"{path} defined ({d.network.num_layers} layers)")
 
     top = cfg.block_out_channels[-1]
     h = B.resnet(d, h, temb_silu, "mid_block.resnets.0", top, cfg.norm_num_groups, cfg.norm_eps)
     h = spatial_transformer(d, h, context, "mid_block.attentions.0", cfg.heads[-1], cfg.transformer_depth[-1], cfg)
     h = B.resnet(d, h, temb_silu, "mid_block.resnets.1", top, cfg.norm_num_groups, cfg.norm_eps)
+    report(f"mid_block defined ({d.network.num_layers} layers)")
 
     rev_channels = list(reversed(cfg.block_out_channels))
     rev_heads = list(reversed(cfg.heads))
@@ -212,6 +220,7 @@ def unet(d: Definition, cfg: UNetConfig, sample, timestep, context, text_embeds,
                                         cfg.transformer_depth_up[i], cfg)
         if i < n_blocks - 1:
             h = B.upsample(d, h, f"{path}.upsamplers.0")  # [B, C, 2H, 2W]
+        report(f"{path} defined ({d.network.num_layers} layers)")
 
     h = L.silu(d, L.group_norm(d, h, "conv_norm_out", cfg.norm_num_groups, cfg.norm_eps))
     return L.conv2d(d, h, "conv_out", cfg.out_channels, 3, padding=1)  # [B, out, h, w]
@@ -249,7 +258,7 @@ def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 
 
     Inputs as diffusers' UNet arguments: `sample` [B, 4, h, w], `timestep` [B] (fp32),
     `encoder_hidden_states` [B, 77, 2048], `text_embeds` [B, 1280], `time_ids` [B, 6] (fp32; [B, 5] for the refiner);
-    output `noise_pred` [B, 4, h, w].
+    output `noise_pred` [B, 4, h, w]. `progress(message)`, if given, hears about each block.
     """
     from .. import weights as W
 
@@ -268,7 +277,7 @@ def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 
     specs = input_specs(cfg, batch, latent_height, latent_width, d.dtype)
     tensors = {name: L.add_input(d, name, dims, dt) for name, (dims, dt) in specs.items()}
     y = unet(d, cfg, tensors["sample"], tensors["timestep"], tensors["encoder_hidden_states"],
-             tensors["text_embeds"], tensors["time_ids"])
+             tensors["text_embeds"], tensors["time_ids"], progress)
     L.mark_output(d, y, "noise_pred")
     component.check_all_consumed()
     return UNetNetwork(d, cfg, specs)
