@@ -14,13 +14,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 
 from . import backend
 from .errors import UserError
 
 # numpy dtype of the tensors a network computes in, by precision name
-COMPUTE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+COMPUTE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
+# numpy dtype weights are bound in, where it differs from the compute dtype: TensorRT's Python API
+# cannot hand bf16 weights back (`Weights.numpy()` fails), so netexec could not evaluate them; bf16
+# networks bind float32 constants and cast them to bf16, a cast the builder folds into the weights.
+WEIGHT_DTYPES = {"bf16": np.float32}
 
 
 @dataclass
@@ -56,13 +61,18 @@ class Definition:
     def trt_dtype(self):
         return trt_dtype(self.dtype)
 
+    @property
+    def weight_dtype(self):
+        """numpy dtype of the arrays handed to TensorRT as weights (see WEIGHT_DTYPES)."""
+        return WEIGHT_DTYPES.get(self.precision, self.dtype)
+
     def keep(self, array: np.ndarray) -> np.ndarray:
         self._keep.append(array)
         return array
 
     def param(self, name: str, shape: tuple[int, ...], dtype=None) -> np.ndarray:
-        """The checkpoint tensor `name`, checked to have `shape`, in `dtype` (default: compute dtype)."""
-        array = self.weights.get(name, dtype=dtype or self.dtype, shape=tuple(shape))
+        """The checkpoint tensor `name`, checked to have `shape`, in `dtype` (default: weight dtype)."""
+        array = self.weights.get(name, dtype=dtype or self.weight_dtype, shape=tuple(shape))
         return self.keep(np.ascontiguousarray(array))
 
 
@@ -78,6 +88,7 @@ def trt_dtype(np_dtype):
     return {
         np.dtype(np.float32): trt.float32,
         np.dtype(np.float16): trt.float16,
+        np.dtype(ml_dtypes.bfloat16): trt.bfloat16,
         np.dtype(np.int32): trt.int32,
         np.dtype(np.int64): trt.int64,
         np.dtype(np.bool_): trt.bool,
@@ -102,10 +113,17 @@ def constant(d: Definition, array: np.ndarray, name: str | None = None):
     return _named(d.network.add_constant(array.shape, array), name)
 
 
+def weight_tensor(d: Definition, array: np.ndarray, name: str | None = None):
+    """Weights `array` (in `d.weight_dtype`) as a tensor of the compute dtype: a constant, cast for bf16."""
+    return cast(d, constant(d, array, name), d.dtype)
+
+
 def scalar_like(d: Definition, value: float, x):
     """A constant of x's rank (all ones dims) and x's dtype, for broadcasting elementwise ops."""
-    np_dtype = np.float16 if x.dtype == backend.trt().float16 else np.float32
-    return constant(d, np.full((1,) * len(shape(x)), value, dtype=np_dtype))
+    trt = backend.trt()
+    np_dtype = np.float16 if x.dtype == trt.float16 else np.float32
+    c = constant(d, np.full((1,) * len(shape(x)), value, dtype=np_dtype))
+    return cast(d, c, ml_dtypes.bfloat16) if x.dtype == trt.bfloat16 else c  # bf16: see WEIGHT_DTYPES
 
 
 def cast(d: Definition, x, np_dtype, name: str | None = None):
@@ -188,7 +206,14 @@ def conv2d(d: Definition, x, path: str, out_channels: int, kernel: int, stride: 
     b, c, h, w = shape(x)
     weight = d.param(f"{path}.weight", (out_channels, c, kernel, kernel))
     bias_array = d.param(f"{path}.bias", (out_channels,)) if bias else None
-    layer = d.network.add_convolution_nd(x, out_channels, (kernel, kernel), weight, bias_array)
+    if d.weight_dtype == d.dtype:
+        layer = d.network.add_convolution_nd(x, out_channels, (kernel, kernel), weight, bias_array)
+    else:  # kernel and bias as cast constants, through the layer's inputs 1 and 2 (see WEIGHT_DTYPES)
+        trt = backend.trt()
+        layer = d.network.add_convolution_nd(x, out_channels, (kernel, kernel), trt.Weights(), trt.Weights())
+        layer.set_input(1, weight_tensor(d, weight, f"{path}.weight"))  # [O, C, k, k]
+        if bias:
+            layer.set_input(2, weight_tensor(d, bias_array, f"{path}.bias"))  # [O]
     layer.stride_nd = (stride, stride)
     layer.padding_nd = (padding, padding)
     layer.name = path
@@ -208,9 +233,9 @@ def linear(d: Definition, x, path: str, out_features: int, bias: bool = True, we
     in_features = dims[-1]
     weight = d.param(f"{path}.weight", (out_features, in_features))
     if weight_scale != 1.0:
-        weight = d.keep((weight.astype(np.float32) * weight_scale).astype(d.dtype))
+        weight = d.keep((weight.astype(np.float32) * weight_scale).astype(d.weight_dtype))
     rank = len(dims)
-    w = constant(d, weight.reshape((1,) * (rank - 2) + weight.shape), name=f"{path}.weight")
+    w = weight_tensor(d, weight.reshape((1,) * (rank - 2) + weight.shape), name=f"{path}.weight")
     trt = backend.trt()
     y = _named(d.network.add_matrix_multiply(x, trt.MatrixOperation.NONE, w, trt.MatrixOperation.TRANSPOSE),
                path)  # [..., out]
@@ -218,8 +243,8 @@ def linear(d: Definition, x, path: str, out_features: int, bias: bool = True, we
     if bias:
         b = d.param(f"{path}.bias", (out_features,))
         if weight_scale != 1.0:
-            b = d.keep((b.astype(np.float32) * weight_scale).astype(d.dtype))
-        y = add(d, y, constant(d, b.reshape((1,) * (rank - 1) + (out_features,))), name=f"{path}.bias")
+            b = d.keep((b.astype(np.float32) * weight_scale).astype(d.weight_dtype))
+        y = add(d, y, weight_tensor(d, b.reshape((1,) * (rank - 1) + (out_features,))), name=f"{path}.bias")
     return y
 
 
@@ -230,18 +255,18 @@ def group_norm(d: Definition, x, path: str, groups: int, eps: float):
     gamma = d.param(f"{path}.weight", (c,)).reshape(1, c, 1, 1)
     beta = d.param(f"{path}.bias", (c,)).reshape(1, c, 1, 1)
     if be.has_normalization_v2:
-        layer = be.add_normalization(d.network, x, constant(d, gamma), constant(d, beta), 0b1100)
+        layer = be.add_normalization(d.network, x, weight_tensor(d, gamma), weight_tensor(d, beta), 0b1100)
         layer.num_groups = groups
         layer.epsilon = eps
         return _named(layer, path)
     # Legacy API: scale/bias are per group, so normalize with unit affine and apply ours after.
-    ones = np.ones((1, groups, 1, 1), d.dtype)
-    zeros = np.zeros((1, groups, 1, 1), d.dtype)
-    layer = be.add_normalization(d.network, x, constant(d, ones), constant(d, zeros), 0b1100)
+    ones = np.ones((1, groups, 1, 1), d.weight_dtype)
+    zeros = np.zeros((1, groups, 1, 1), d.weight_dtype)
+    layer = be.add_normalization(d.network, x, weight_tensor(d, ones), weight_tensor(d, zeros), 0b1100)
     layer.num_groups = groups
     layer.epsilon = eps
     y = _named(layer, path)
-    return add(d, mul(d, y, constant(d, gamma)), constant(d, beta), name=f"{path}.affine")
+    return add(d, mul(d, y, weight_tensor(d, gamma)), weight_tensor(d, beta), name=f"{path}.affine")
 
 
 def layer_norm(d: Definition, x, path: str, eps: float = 1e-5):
@@ -251,7 +276,8 @@ def layer_norm(d: Definition, x, path: str, eps: float = 1e-5):
     rank = len(dims)
     gamma = d.param(f"{path}.weight", (c,)).reshape((1,) * (rank - 1) + (c,))
     beta = d.param(f"{path}.bias", (c,)).reshape((1,) * (rank - 1) + (c,))
-    layer = backend.get().add_normalization(d.network, x, constant(d, gamma), constant(d, beta), 1 << (rank - 1))
+    layer = backend.get().add_normalization(d.network, x, weight_tensor(d, gamma), weight_tensor(d, beta),
+                                            1 << (rank - 1))
     layer.epsilon = eps
     return _named(layer, path)
 
@@ -297,7 +323,9 @@ def timestep_embedding(d: Definition, t, dim: int, flip_sin_to_cos: bool = True,
 def causal_mask(d: Definition, sq: int, sk: int, np_dtype):
     """Additive [1, 1, Sq, Sk] mask: 0 where key j <= query i, a large negative number above the diagonal."""
     upper = np.triu(np.ones((sq, sk), dtype=bool), k=1)
-    return constant(d, np.where(upper, np.finfo(np_dtype).min, 0).astype(np_dtype).reshape(1, 1, sq, sk))
+    stored = np.float32 if np_dtype == ml_dtypes.bfloat16 else np_dtype  # bf16: see WEIGHT_DTYPES
+    mask = np.where(upper, ml_dtypes.finfo(np_dtype).min, 0).astype(stored).reshape(1, 1, sq, sk)
+    return cast(d, constant(d, mask), np_dtype)
 
 
 def attention(d: Definition, q, k, v, name: str, causal: bool = False):
@@ -314,7 +342,7 @@ def attention(d: Definition, q, k, v, name: str, causal: bool = False):
     sk = shape(k)[2]
     d.macs.append(MacRecord(f"{name}.bmm1", "bmm", b * n * sq * sk * dh))
     d.macs.append(MacRecord(f"{name}.bmm2", "bmm", b * n * sq * sk * dh))
-    np_dtype = np.float16 if q.dtype == trt.float16 else np.float32
+    np_dtype = {trt.float16: np.float16, trt.bfloat16: ml_dtypes.bfloat16}.get(q.dtype, np.float32)
     mask = causal_mask(d, sq, sk, np_dtype) if causal else None
     if be.has_attention_layer:
         att = d.network.add_attention(q, k, v, trt.AttentionNormalizationOp.SOFTMAX, False)
@@ -359,7 +387,7 @@ def multi_head_attention(d: Definition, x, context, path: str, heads: int, qkv_b
 
 def embedding(d: Definition, ids, path: str, num: int, dim: int, name: str | None = None):
     """Row lookup: `<path>.weight` [num, dim] gathered by integer ids [...] -> [..., dim]."""
-    table = constant(d, d.param(f"{path}.weight", (num, dim)), name=f"{path}.weight")
+    table = weight_tensor(d, d.param(f"{path}.weight", (num, dim)), name=f"{path}.weight")
     return _named(d.network.add_gather(table, ids, 0), name or path)
 
 
@@ -382,3 +410,32 @@ def mark_output(d: Definition, x, name: str, np_dtype=None):
 
 def add_input(d: Definition, name: str, dims, np_dtype):
     return d.network.add_input(name, trt_dtype(np_dtype), tuple(dims))
+
+
+# ---------------------------------------------------------------- token selection (CLIP pooling)
+
+
+def argmax_first(d: Definition, x, bound: int, name: str | None = None):
+    """Index of the first largest value along the last axis of an int32 [B, S] tensor with values in
+    [0, bound) -> int32 [B, 1] (torch.argmax's rule).
+
+    TopK leaves the order of ties open, so value v at position j becomes the float32 score
+    v * S + (S - 1 - j): one per position, ordered by value, then by earlier position, and exact
+    while bound * S <= 2^24.
+    """
+    b, s = shape(x)
+    if bound * s > 2**24:
+        raise ValueError(f"argmax_first: values below {bound} over {s} positions do not fit float32 exactly")
+    later = constant(d, np.arange(s - 1, -1, -1, dtype=np.float32).reshape(1, s))  # [1, S]: S-1-j
+    width = constant(d, np.full((1, 1), s, np.float32))
+    score = add(d, mul(d, cast(d, x, np.float32), width), later)  # [B, S]
+    return argmax_last(d, score, name)
+
+
+def gather_tokens(d: Definition, x, index, name: str | None = None):
+    """One position per sequence: x [B, S, C] at int32 index [B, 1] -> [B, C] (row b is x[b, index[b]])."""
+    b, _, c = shape(x)
+    layer = d.network.add_gather(x, index, 1)
+    layer.num_elementwise_dims = 1  # index[b] selects within x[b]
+    picked = _named(layer, name)  # [B, 1, C]
+    return reshape(d, picked, (b, c))
