@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tiny_models
-from trt_sdxl import configs, weights
+import tiny_single_file
+import tiny_vae
+from trt_sdxl import configs, keymap, weights
 from trt_sdxl.errors import UserError
 
 
@@ -146,6 +148,162 @@ def test_single_file_that_is_not_sdxl(tmp_path):
     save_file({"cond_stage_model.x.weight": torch.zeros(2)}, str(path))
     with pytest.raises(UserError, match=r"other\.safetensors: no unet tensors \(no names starting with 'model\.diffusion_model\.'\)"):
         weights.open_component(path, "unet")
+
+
+# ---------------------------------------------------------------- single file: text encoders and VAE
+
+TEXT_AND_VAE = ("text_encoder", "text_encoder_2", "vae")
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_file(tmp_path_factory):
+    """A tiny SDXL base single file (UNet, both text encoders, VAE), and what it was written from."""
+    components = tiny_single_file.tiny_sdxl(seed=7)
+    path = tiny_single_file.write_single_file(tmp_path_factory.mktemp("single") / "sdxl.safetensors", components)
+    return path, components
+
+
+def assert_reads_as(component, state: dict, stored_dtype=np.float32):
+    """Every tensor of `component` equals `state`'s (numpy) as float32, and as stored in `stored_dtype`."""
+    assert sorted(component.keys()) == sorted(state)
+    for key, want in state.items():
+        assert component.shape(key) == want.shape, key
+        got = component.get(key, dtype=np.float32, shape=want.shape)
+        expected = want.astype(stored_dtype).astype(np.float32)
+        assert np.array_equal(got, expected), f"{key}: max |diff| {np.abs(got - expected).max()}"
+        assert got.flags.c_contiguous, key
+
+
+@pytest.mark.parametrize("name", TEXT_AND_VAE)
+def test_single_file_text_encoders_and_vae_read_as_the_originals(tiny_sdxl_file, name):
+    path, components = tiny_sdxl_file
+    config, state = components[name]
+    component = weights.open_component(path, name, config=config)
+    assert_reads_as(component, state)
+    component.check_all_consumed()
+    for key in component.keys():  # stored dtype: views of the file, row blocks and reshapes included
+        assert component.dtype(key) == "float32"
+        view = component.get(key, dtype=None)
+        assert is_mmap_view(view) == (key != "text_projection.weight"), key
+    prefix = keymap.SINGLE_FILE_PREFIXES[name]
+    assert component.unused.keys() == {prefix + k for k in tiny_single_file.UNUSED_TENSORS.get(name, {})}
+    # the fused q/k/v tensors count once
+    stored = weights.SafetensorsFile(path).tensors
+    assert component.weight_bytes == sum(e.nbytes for k, e in stored.items()
+                                         if k.startswith(prefix) and k not in component.unused)
+
+
+def test_text_encoders_and_vae_read_the_same_from_both_layouts(tmp_path, tiny_sdxl_file):
+    path, components = tiny_sdxl_file
+    folders = {
+        "text_encoder": tiny_single_file.tiny_text_encoder("text_encoder", seed=9),
+        "text_encoder_2": tiny_single_file.tiny_text_encoder("text_encoder_2", seed=10),
+        "vae": tiny_vae.tiny_vae(seed=11),
+    }
+    for name, model in folders.items():
+        model.save_pretrained(tmp_path / name)
+        state = tiny_single_file.numpy_state(model)
+        single = tiny_single_file.write_single_file(tmp_path / f"{name}.safetensors",
+                                                    {name: (components[name][0], state)})
+        for layout in (tmp_path, single):  # the pipeline-shaped folder reads its config.json
+            component = weights.open_component(layout, name, config=None if layout == tmp_path else components[name][0])
+            assert_reads_as(component, state)
+            component.check_all_consumed()
+    # transformers >= 5 saves CLIPTextModel without `text_model.`: its names are the published ones all the same
+    folder_te1 = weights.open_component(tmp_path / "text_encoder", "text_encoder")
+    assert all(k.startswith("text_model.") for k in folder_te1.keys())
+
+
+def test_every_key_of_a_full_single_file_is_one_components(tiny_sdxl_file):
+    path, components = tiny_sdxl_file
+    opened = {name: weights.open_component(path, name, config=config) for name, (config, _) in components.items()}
+    assert_reads_as(opened["unet"], components["unet"][1])
+    claimed = [name for c in opened.values() for name in c.stored_names()]
+    assert len(claimed) == len(set(claimed)), "a stored tensor claimed by two components"
+    assert set(claimed) == set(weights.SafetensorsFile(path).tensors)
+
+
+def test_refiner_single_file(tmp_path):
+    components = tiny_single_file.tiny_sdxl(refiner=True, seed=8)
+    path = tiny_single_file.write_single_file(tmp_path / "refiner.safetensors", components, refiner=True)
+    te2 = weights.open_component(path, "text_encoder_2", config=components["text_encoder_2"][0])
+    assert_reads_as(te2, components["text_encoder_2"][1])
+    assert te2.unused == {"conditioner.embedders.0.model.logit_scale": keymap.OPEN_CLIP_UNUSED["logit_scale"]}
+    claimed = set().union(*(weights.open_component(path, name, config=config).stored_names()
+                            for name, (config, _) in components.items()))
+    assert claimed == set(weights.SafetensorsFile(path).tensors)
+    with pytest.raises(UserError, match=rf"{path}: no text_encoder tensors \(no names starting with "
+                                        r"'conditioner\.embedders\.0\.transformer\.'\)"):
+        weights.open_component(path, "text_encoder")
+
+
+def test_position_ids_present_or_absent(tmp_path):
+    config = tiny_single_file.TINY_TEXT_ENCODER_CONFIGS["text_encoder"]
+    state = tiny_single_file.numpy_state(tiny_single_file.tiny_text_encoder("text_encoder", seed=4))
+    read = {}
+    for unused in (True, False):
+        path = tiny_single_file.write_single_file(tmp_path / f"te1-{unused}.safetensors",
+                                                  {"text_encoder": (config, state)}, unused=unused)
+        te1 = weights.open_component(path, "text_encoder", config=config)
+        assert bool(te1.unused) == unused
+        assert_reads_as(te1, state)
+        te1.check_all_consumed()
+        read[unused] = te1.keys()
+    assert read[True] == read[False]
+
+
+def test_fp16_single_file_with_transforms(tmp_path):
+    components = {name: tiny_single_file.tiny_sdxl(seed=5)[name] for name in ("text_encoder_2", "vae")}
+    path = tiny_single_file.write_single_file(tmp_path / "fp16.safetensors", components, dtype=np.float16)
+    for name, (config, state) in components.items():
+        component = weights.open_component(path, name, config=config)
+        assert_reads_as(component, state, stored_dtype=np.float16)
+        q = component.get("text_model.encoder.layers.1.self_attn.q_proj.weight" if name == "text_encoder_2"
+                          else "decoder.mid_block.attentions.0.to_q.weight", dtype=np.float16)
+        assert is_mmap_view(q) and q.ndim == 2
+
+
+def test_single_file_shape_errors_name_the_stored_tensor(tiny_sdxl_file, tmp_path):
+    path, components = tiny_sdxl_file
+    te2 = weights.open_component(path, "text_encoder_2", config=components["text_encoder_2"][0])
+    key = "text_model.encoder.layers.0.self_attn.k_proj.weight"
+    with pytest.raises(UserError) as error:
+        te2.get(key, shape=(32, 64))
+    assert (f"{path}: tensor {key!r} (stored as part 2 of 3 (rows) of "
+            "'conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight') has shape (32, 32), "
+            "expected (32, 64)") in str(error.value)
+    assert key not in te2.consumed
+    with pytest.raises(UserError, match=r"\(stored as 'conditioner\.embedders\.1\.model\.text_projection', "
+                                        r"transposed\) has shape \(32, 32\), expected \(32, 16\)"):
+        te2.get("text_projection.weight", shape=(32, 16))
+
+    tensors = tiny_single_file.single_file_tensors("text_encoder_2", *components["text_encoder_2"])
+    fused = "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"
+    tensors[fused] = tensors[fused][:-1]
+    tiny_single_file.save_file(tensors, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(UserError, match=rf"bad\.safetensors: tensor '{fused}' has shape \(95, 32\), which cannot hold "
+                                        r"text_encoder_2 tensor 'text_model\.encoder\.layers\.1\.self_attn\.q_proj\."
+                                        r"weight': 95 rows do not split into 3 equal parts"):
+        weights.open_component(tmp_path / "bad.safetensors", "text_encoder_2", config=components["text_encoder_2"][0])
+
+    tensors = tiny_single_file.single_file_tensors("vae", *components["vae"])
+    conv = "first_stage_model.decoder.mid.attn_1.v.weight"
+    tensors[conv] = np.zeros((32, 32, 3, 3), np.float32)
+    tiny_single_file.save_file(tensors, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(UserError, match=rf"tensor '{conv}' has shape \(32, 32, 3, 3\), which cannot hold vae tensor "
+                                        r"'decoder\.mid_block\.attentions\.0\.to_v\.weight': expected a 1x1 convolution"):
+        weights.open_component(tmp_path / "bad.safetensors", "vae", config=components["vae"][0])
+
+
+def test_single_file_with_an_unknown_key_is_refused(tiny_sdxl_file, tmp_path):
+    path, components = tiny_sdxl_file
+    config, state = components["text_encoder"]
+    tensors = tiny_single_file.single_file_tensors("text_encoder", config, state)
+    stray = "conditioner.embedders.0.transformer.text_projection.weight"
+    tensors[stray] = np.zeros((32, 32), np.float32)
+    tiny_single_file.save_file(tensors, str(tmp_path / "stray.safetensors"))
+    with pytest.raises(UserError, match=rf"stray\.safetensors: 1 text_encoder tensor name\(s\) match no rule .*{stray}"):
+        weights.open_component(tmp_path / "stray.safetensors", "text_encoder", config=config)
 
 
 # ---------------------------------------------------------------- reading

@@ -2,11 +2,13 @@
 
 `open_component(path, "unet")` takes a diffusers pipeline folder, a component folder
 (plain, `*.fp16.*` variant or sharded `*.safetensors.index.json`), or one SGM single-file
-`.safetensors` checkpoint (mapped to diffusers names by `trt_sdxl.keymap`). The safetensors
-format is parsed here (8-byte little-endian header length, JSON header, raw data) over
-`mmap`: nothing is read until a tensor is asked for, a tensor in the dtype it is stored in is
-a read-only zero-copy view of the file, and any other float dtype costs exactly one
-conversion. Every user-facing problem (missing or truncated file, bad header, unknown
+`.safetensors` checkpoint (mapped to diffusers names by `trt_sdxl.keymap`, which also says how
+a diffusers tensor is read out of a single-file one: as it is, a row block of a fused q/k/v, a
+transpose, a 1x1 convolution as a linear weight). The safetensors format is parsed here (8-byte
+little-endian header length, JSON header, raw data) over `mmap`: nothing is read until a
+tensor is asked for, a tensor in the dtype it is stored in is a read-only zero-copy view of the
+file (row blocks and reshapes included; a transpose is a copy), and any other float dtype costs
+exactly one conversion. Every user-facing problem (missing or truncated file, bad header, unknown
 tensor, wrong shape, config that disagrees with the weights) is a `UserError` naming the file
 and tensor.
 """
@@ -162,18 +164,31 @@ class Component:
     """One model component's tensors by diffusers name, with its config.
 
     `get` records what was read in `.consumed`, so `check_all_consumed` can prove that a
-    network used every tensor of the checkpoint.
+    network used every tensor of the checkpoint. From a single file, `transforms` says how a
+    diffusers tensor is read out of its stored tensor (absent: as it is), and `unused` holds the
+    stored names the layout declares unused (stored name -> why).
     """
 
     def __init__(self, name: str, config: dict, source: str, files: list[SafetensorsFile],
-                 entries: dict[str, TensorEntry]):
+                 entries: dict[str, TensorEntry], transforms: dict[str, keymap.Transform] | None = None,
+                 unused: dict[str, str] | None = None):
         self.name = name
         self.config = config
         self.source = source
         self.files = files
         self._entries = entries
+        self._transforms = transforms or {}
+        self.unused = unused or {}
         self.consumed: set[str] = set()
         self.skipped: dict[str, str] = {}
+        self._shapes = {}  # diffusers shapes of the transformed tensors
+        for key, transform in self._transforms.items():
+            entry = entries[key]
+            try:
+                self._shapes[key] = transform.shape(entry.shape)
+            except ValueError as e:
+                raise UserError(f"{entry.file.path}: tensor {entry.name!r} has shape {entry.shape}, which cannot "
+                                f"hold {name} tensor {key!r}: {e}") from None
 
     def __enter__(self) -> Component:
         return self
@@ -203,31 +218,41 @@ class Component:
         return entry
 
     def _describe(self, key: str, entry: TensorEntry) -> str:
-        stored = f" (stored as {entry.name!r})" if entry.name != key else ""
+        transform = self._transforms.get(key, keymap.SAME)
+        stored = f" (stored as {transform.describe(entry.name)})" if entry.name != key else ""
         return f"{entry.file.path}: tensor {key!r}{stored}"
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._entry(key).shape
+        entry = self._entry(key)
+        return self._shapes[key] if key in self._shapes else entry.shape
 
     def dtype(self, key: str) -> str:
         """The numpy dtype name of the stored tensor: 'float16', 'float32', 'bfloat16', ..."""
         return self._entry(key).dtype.name
 
+    def stored_names(self) -> set[str]:
+        """Every stored tensor name the component accounts for: those it reads and those declared unused."""
+        return {e.name for e in self._entries.values()} | set(self.unused)
+
     @property
     def weight_bytes(self) -> int:
-        """Bytes of tensor data the component stores (its tensors only, for a single file)."""
-        return sum(e.nbytes for e in self._entries.values())
+        """Bytes of tensor data the component reads (its tensors only, for a single file; a fused
+        q/k/v tensor counts once)."""
+        stored = {(e.file.path, e.name): e.nbytes for e in self._entries.values()}
+        return sum(stored.values())
 
     def get(self, key: str, dtype=np.float16, shape=None) -> np.ndarray:
-        """Tensor `key` as `dtype`: a read-only zero-copy view when stored so, else one converted copy.
+        """Tensor `key` as `dtype`: a read-only zero-copy view when stored so (a transposed one is a
+        copy), else one converted copy.
 
-        `dtype=None` reads it as stored. `shape`, when given, must equal the stored shape.
+        `dtype=None` reads it as stored. `shape`, when given, must equal the tensor's (diffusers) shape.
         """
         entry = self._entry(key)
-        if shape is not None and tuple(shape) != entry.shape:
-            raise UserError(f"{self._describe(key, entry)} has shape {entry.shape}, expected {tuple(shape)}")
+        have = self.shape(key)
+        if shape is not None and tuple(shape) != have:
+            raise UserError(f"{self._describe(key, entry)} has shape {have}, expected {tuple(shape)}")
         want = entry.dtype if dtype is None else np.dtype(dtype)
-        array = entry.file.view(entry)
+        array = self._transforms.get(key, keymap.SAME).apply(entry.file.view(entry))
         if want != entry.dtype:
             if entry.dtype not in CONVERTIBLE_SOURCES or want not in CONVERTIBLE_TARGETS:
                 raise UserError(f"{self._describe(key, entry)} is stored as {entry.dtype.name} and cannot be read "
@@ -307,6 +332,7 @@ def _open_folder(folder: Path, component: str, config: dict | None) -> Component
                 raise UserError(f"{found}: tensor {name!r} is stored twice, in {entries[name].file.path.name} "
                                 f"and {f.path.name}")
             entries[name] = entry
+    entries = _text_model_names(component, entries)
     if config is None:
         config_path = folder / "config.json"
         if config_path.is_file():
@@ -315,6 +341,15 @@ def _open_folder(folder: Path, component: str, config: dict | None) -> Component
         else:
             config = configs.load(_sdxl_variant(entries.get("conv_in.weight"), component, folder), component)
     return Component(component, config, str(folder), files, entries)
+
+
+def _text_model_names(component: str, entries: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
+    """The text_encoder's tensors under `text_model.*`, the names of the published SDXL text_encoder
+    (saved by transformers 4.x) and of single files: transformers >= 5 saves CLIPTextModel without
+    that prefix."""
+    if component == "text_encoder" and entries and not any(k.startswith("text_model.") for k in entries):
+        return {"text_model." + k: e for k, e in entries.items()}
+    return entries
 
 
 def _open_index(index_path: Path) -> list[SafetensorsFile]:
@@ -337,16 +372,17 @@ def _open_index(index_path: Path) -> list[SafetensorsFile]:
 
 def _open_single_file(path: Path, component: str, config: dict | None) -> Component:
     f = SafetensorsFile(path)
-    prefix = keymap.SINGLE_FILE_PREFIXES[component]
-    if not any(name.startswith(prefix) for name in f.tensors):
-        raise UserError(f"{path}: no {component} tensors (no names starting with {prefix!r}); "
-                        "expected an SDXL single-file checkpoint")
+    if keymap.find_prefix(component, f.tensors, str(path)) is None:
+        prefixes = " or ".join(repr(p) for p in keymap.component_prefixes(component))
+        raise UserError(f"{path}: no {component} tensors (no names starting with {prefixes}); "
+                        f"expected an SDXL single-file checkpoint that holds the {component}")
     if config is None:
         conv_in = f.tensors.get(keymap.SINGLE_FILE_PREFIXES["unet"] + "input_blocks.0.0.weight")
         config = configs.load(_sdxl_variant(conv_in, component, path), component)
-    mapping = keymap.sgm_to_diffusers(component, config, f.tensors, source=str(path))
-    entries = {diffusers: f.tensors[sgm] for sgm, diffusers in mapping.items()}
-    return Component(component, config, str(path), [f], entries)
+    layout = keymap.sgm_to_diffusers(component, config, f.tensors, source=str(path))
+    entries = {diffusers: f.tensors[s.key] for diffusers, s in layout.sources.items()}
+    transforms = {diffusers: s.transform for diffusers, s in layout.sources.items() if s.transform != keymap.SAME}
+    return Component(component, config, str(path), [f], entries, transforms, layout.unused)
 
 
 def _sdxl_variant(conv_in: TensorEntry | None, component: str, where: Path) -> str:
