@@ -294,6 +294,44 @@ def test_concatenation_slice_gather_select_squeeze_identity():
     np.testing.assert_array_equal(outs[6], a)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int32])
+def test_topk_values_and_indices(dtype):
+    rng = np.random.default_rng(17)
+    x = rng.permutation(2 * 3 * 9).reshape(2, 3, 9).astype(dtype)  # distinct values: the order is defined
+    net = Net()
+    tx = net.input("x", dtype, x.shape)
+    top = net.network.add_topk(tx, trt.TopKOperation.MAX, 4, 1 << 2)
+    bottom = net.network.add_topk(tx, trt.TopKOperation.MIN, 2, 1 << 1)
+    outs = net.run({"x": x}, top.get_output(0), top.get_output(1), bottom.get_output(0), bottom.get_output(1))
+    for (values, indices), largest, k, axis in zip((outs[:2], outs[2:]), (True, False), (4, 2), (2, 1)):
+        ref = torch.topk(torch.from_numpy(x.astype(np.float64)), k, dim=axis, largest=largest)
+        assert values.dtype == dtype and indices.dtype == np.int32
+        np.testing.assert_array_equal(values, ref.values.numpy().astype(dtype))
+        np.testing.assert_array_equal(indices, ref.indices.numpy())
+
+
+def test_topk_ties_take_the_lower_index():
+    x = np.array([[1.0, 5.0, 2.0, 5.0, 5.0]], np.float32)
+    net = Net()
+    top = net.network.add_topk(net.input("x", np.float32, x.shape), trt.TopKOperation.MAX, 2, 1 << 1)
+    (indices,) = net.run({"x": x}, top.get_output(1))
+    np.testing.assert_array_equal(indices, [[1, 3]])
+
+
+def test_gather_with_one_elementwise_dim():
+    """out[b] = data[b] indexed along `axis` by indices[b]: one token per sequence, as CLIP pools."""
+    rng = np.random.default_rng(18)
+    data = randn(rng, (3, 7, 4), np.float16)
+    indices = np.array([[6], [0], [3]], np.int32)
+    net = Net()
+    layer = net.network.add_gather(net.input("data", np.float16, data.shape), net.input("i", np.int32, (3, 1)), 1)
+    layer.num_elementwise_dims = 1
+    (out,) = net.run({"data": data, "i": indices}, layer.get_output(0))
+    ref = torch.gather(torch.from_numpy(data), 1, torch.from_numpy(indices).long()[:, :, None].expand(3, 1, 4))
+    assert out.dtype == np.float16
+    np.testing.assert_array_equal(out, ref.numpy())
+
+
 def test_cast():
     x = np.array([[-2.7, -0.5, 0.0, 0.4, 5.6, 1e-4, 65519.0, 3.3]], np.float32)
     net = Net()
@@ -641,10 +679,10 @@ def test_unknown_output_name_raises_value_error():
 
 def test_unimplemented_layer_type_raises():
     net = Net()
-    topk = net.network.add_topk(net.input("x", np.float32, (2, 8)), trt.TopKOperation.MAX, 3, 1 << 1)
-    topk.name = "my_topk"
-    with pytest.raises(NotImplementedError, match="'my_topk' has type TOPK"):
-        net.run({"x": np.zeros((2, 8), np.float32)}, topk.get_output(0))
+    einsum = net.network.add_einsum([net.input("x", np.float32, (2, 8))], "ij->ji")
+    einsum.name = "my_einsum"
+    with pytest.raises(NotImplementedError, match="'my_einsum' has type EINSUM"):
+        net.run({"x": np.zeros((2, 8), np.float32)}, einsum.get_output(0))
 
 
 def test_unimplemented_attribute_raises():

@@ -51,6 +51,10 @@ class Definition:
     weights: object  # trt_sdxl.weights.Component
     precision: str = "fp16"
     macs: list[MacRecord] = field(default_factory=list)
+    # Set for 8-bit networks (trt_sdxl.quant.plan.QuantPlan) or for the calibration network
+    # (trt_sdxl.quant.plan.CalibrationTaps); the helpers below consult them, models never do.
+    quant: object = None
+    taps: object = None
     _keep: list[np.ndarray] = field(default_factory=list, repr=False)
 
     @property
@@ -200,13 +204,56 @@ def slice_axis(d: Definition, x, axis: int, start: int, size: int, name=None):
 # ---------------------------------------------------------------- weighted layers
 
 
+def quantize_dequantize(d: Definition, x, scale, fmt: str, axis: int | None = None, name: str | None = None):
+    """Q/DQ pair: x -> int8/fp8 with `scale` (scalar: per tensor; vector: per channel on `axis`) -> x's type.
+
+    Quantize is round-half-to-even with saturation (INT8 to [-128, 127], FP8 e4m3 to ±448).
+    """
+    trt = backend.trt()
+    scale = np.asarray(scale, np.float32)
+    s = constant(d, scale.reshape(()) if axis is None else scale.reshape(-1))
+    q = d.network.add_quantize(x, s, trt.int8 if fmt == "int8" else trt.fp8)
+    dq = d.network.add_dequantize(q.get_output(0), s, x.dtype)
+    if axis is not None:
+        q.axis = axis
+        dq.axis = axis
+    if name:
+        q.name, dq.name = f"{name}.quantize", f"{name}.dequantize"
+    return dq.get_output(0)
+
+
+def _quantized_weight(d: Definition, path: str, weight: np.ndarray):
+    """A weight [O, ...] quantized per output channel (axis 0), dequantized to the compute dtype."""
+    amax = np.abs(weight.astype(np.float32)).reshape(weight.shape[0], -1).max(axis=1)
+    from .quant.recipe import QMAX
+
+    fmt = d.quant.format
+    scale = np.maximum(amax, 1e-8) / QMAX[fmt]
+    return quantize_dequantize(d, constant(d, weight, f"{path}.weight"), scale, fmt, axis=0, name=f"{path}.weight")
+
+
+def _quantized_input(d: Definition, x, path: str):
+    x = d.quant.smooth_input(d, x, path)
+    return quantize_dequantize(d, x, d.quant.act_scale(path), d.quant.format, name=f"{path}.input")
+
+
 def conv2d(d: Definition, x, path: str, out_channels: int, kernel: int, stride: int = 1,
            padding: int = 0, bias: bool = True):
     """Conv2d from `<path>.weight` [O, C, k, k] and `<path>.bias` [O]; x: [B, C, H, W]."""
     b, c, h, w = shape(x)
+    if d.taps is not None:
+        d.taps.observe(d, x, path, channel_axis=1, sample_rows=False)
     weight = d.param(f"{path}.weight", (out_channels, c, kernel, kernel))
     bias_array = d.param(f"{path}.bias", (out_channels,)) if bias else None
-    if d.weight_dtype == d.dtype:
+    quantized = d.quant is not None and d.quant.is_quantized(path)
+    if quantized:
+        trt = backend.trt()
+        layer = d.network.add_convolution_nd(_quantized_input(d, x, path), out_channels, (kernel, kernel),
+                                             trt.Weights(), trt.Weights())
+        layer.set_input(1, _quantized_weight(d, path, d.keep(d.quant.transform_weight(path, weight))))
+        if bias:
+            layer.set_input(2, weight_tensor(d, bias_array, f"{path}.bias"))  # [O]
+    elif d.weight_dtype == d.dtype:
         layer = d.network.add_convolution_nd(x, out_channels, (kernel, kernel), weight, bias_array)
     else:  # kernel and bias as cast constants, through the layer's inputs 1 and 2 (see WEIGHT_DTYPES)
         trt = backend.trt()
@@ -219,7 +266,7 @@ def conv2d(d: Definition, x, path: str, out_channels: int, kernel: int, stride: 
     layer.name = path
     y = layer.get_output(0)  # [B, O, H', W']
     _, _, ho, wo = shape(y)
-    d.macs.append(MacRecord(path, "conv", b * out_channels * ho * wo * c * kernel * kernel))
+    d.macs.append(MacRecord(path, "conv", b * out_channels * ho * wo * c * kernel * kernel, quantized))
     return y
 
 
@@ -231,19 +278,31 @@ def linear(d: Definition, x, path: str, out_features: int, bias: bool = True, we
     """
     dims = shape(x)
     in_features = dims[-1]
+    if d.taps is not None:
+        d.taps.observe(d, x, path, channel_axis=-1, sample_rows=True)
     weight = d.param(f"{path}.weight", (out_features, in_features))
     if weight_scale != 1.0:
         weight = d.keep((weight.astype(np.float32) * weight_scale).astype(d.weight_dtype))
+    if d.quant is not None:
+        weight = d.keep(d.quant.transform_weight(path, weight))
+    quantized = d.quant is not None and d.quant.is_quantized(path)
     rank = len(dims)
-    w = weight_tensor(d, weight.reshape((1,) * (rank - 2) + weight.shape), name=f"{path}.weight")
+    w_shape = (1,) * (rank - 2) + weight.shape
+    if quantized:
+        x = _quantized_input(d, x, path)
+        w = reshape(d, _quantized_weight(d, path, weight), w_shape)
+    else:
+        w = weight_tensor(d, weight.reshape(w_shape), name=f"{path}.weight")
     trt = backend.trt()
     y = _named(d.network.add_matrix_multiply(x, trt.MatrixOperation.NONE, w, trt.MatrixOperation.TRANSPOSE),
                path)  # [..., out]
-    d.macs.append(MacRecord(path, "linear", int(np.prod(dims[:-1])) * in_features * out_features))
+    d.macs.append(MacRecord(path, "linear", int(np.prod(dims[:-1])) * in_features * out_features, quantized))
     if bias:
         b = d.param(f"{path}.bias", (out_features,))
         if weight_scale != 1.0:
             b = d.keep((b.astype(np.float32) * weight_scale).astype(d.weight_dtype))
+        if d.quant is not None:
+            b = d.keep(d.quant.transform_bias(path, b))
         y = add(d, y, weight_tensor(d, b.reshape((1,) * (rank - 1) + (out_features,))), name=f"{path}.bias")
     return y
 
@@ -254,6 +313,8 @@ def group_norm(d: Definition, x, path: str, groups: int, eps: float):
     _, c, _, _ = shape(x)
     gamma = d.param(f"{path}.weight", (c,)).reshape(1, c, 1, 1)
     beta = d.param(f"{path}.bias", (c,)).reshape(1, c, 1, 1)
+    if d.quant is not None:
+        gamma, beta = (d.keep(a) for a in d.quant.fold_norm(path, gamma, beta))
     if be.has_normalization_v2:
         layer = be.add_normalization(d.network, x, weight_tensor(d, gamma), weight_tensor(d, beta), 0b1100)
         layer.num_groups = groups
@@ -276,6 +337,8 @@ def layer_norm(d: Definition, x, path: str, eps: float = 1e-5):
     rank = len(dims)
     gamma = d.param(f"{path}.weight", (c,)).reshape((1,) * (rank - 1) + (c,))
     beta = d.param(f"{path}.bias", (c,)).reshape((1,) * (rank - 1) + (c,))
+    if d.quant is not None:
+        gamma, beta = (d.keep(a) for a in d.quant.fold_norm(path, gamma, beta))
     layer = backend.get().add_normalization(d.network, x, weight_tensor(d, gamma), weight_tensor(d, beta),
                                             1 << (rank - 1))
     layer.epsilon = eps
@@ -328,27 +391,37 @@ def causal_mask(d: Definition, sq: int, sk: int, np_dtype):
     return cast(d, constant(d, mask), np_dtype)
 
 
-def attention(d: Definition, q, k, v, name: str, causal: bool = False):
+def attention(d: Definition, q, k, v, name: str, causal: bool = False, probs_format: str | None = None):
     """softmax(q k^T [+ causal mask]) v over [B, N, S, D]; q must be pre-scaled by 1/sqrt(D).
 
     Uses TensorRT's fused attention layer where the backend has one (decomposable, so a
     head size without a fused kernel still builds), else matmul-softmax-matmul. The causal
     mask (CLIP's text encoders) is an explicit additive mask in both forms, which every
-    TensorRT version reads the same way.
+    TensorRT version reads the same way. `probs_format` ("fp8"/"int8") quantizes the softmax
+    output before the second BMM — through the attention layer's normalization-quantize scale,
+    or a Q/DQ pair in the unfused form; probabilities lie in [0, 1], so amax is 1.
     """
     be = backend.get()
     trt = be.module
     b, n, sq, dh = shape(q)
     sk = shape(k)[2]
-    d.macs.append(MacRecord(f"{name}.bmm1", "bmm", b * n * sq * sk * dh))
-    d.macs.append(MacRecord(f"{name}.bmm2", "bmm", b * n * sq * sk * dh))
+    d.macs.append(MacRecord(f"{name}.bmm1", "bmm", b * n * sq * sk * dh, probs_format is not None))
+    d.macs.append(MacRecord(f"{name}.bmm2", "bmm", b * n * sq * sk * dh, probs_format is not None))
     np_dtype = {trt.float16: np.float16, trt.bfloat16: ml_dtypes.bfloat16}.get(q.dtype, np.float32)
     mask = causal_mask(d, sq, sk, np_dtype) if causal else None
+    probs_scale = None
+    if probs_format is not None:
+        from .quant.recipe import QMAX
+
+        probs_scale = 1.0 / QMAX[probs_format]
     if be.has_attention_layer:
         att = d.network.add_attention(q, k, v, trt.AttentionNormalizationOp.SOFTMAX, False)
         att.decomposable = True
         if mask is not None:
             att.mask = mask
+        if probs_scale is not None:
+            att.normalization_quantize_scale = cast(d, constant(d, np.array(probs_scale, np.float32)), np_dtype)
+            att.normalization_quantize_to_type = trt.int8 if probs_format == "int8" else trt.fp8
         att.name = name
         return att.get_output(0)  # [B, N, Sq, D]
     scores = _named(d.network.add_matrix_multiply(q, trt.MatrixOperation.NONE, k, trt.MatrixOperation.TRANSPOSE),
@@ -358,6 +431,8 @@ def attention(d: Definition, q, k, v, name: str, causal: bool = False):
     softmax = d.network.add_softmax(scores)
     softmax.axes = 1 << 3
     probs = _named(softmax, f"{name}.softmax")
+    if probs_scale is not None:
+        probs = quantize_dequantize(d, probs, probs_scale, probs_format, name=f"{name}.probs")
     return _named(d.network.add_matrix_multiply(probs, trt.MatrixOperation.NONE, v, trt.MatrixOperation.NONE),
                   f"{name}.bmm2")  # [B, N, Sq, D]
 
@@ -377,10 +452,19 @@ def multi_head_attention(d: Definition, x, context, path: str, heads: int, qkv_b
     q = linear(d, x, nq, c, bias=qkv_bias, weight_scale=1.0 / math.sqrt(head_dim))  # [B, S, C]
     k = linear(d, context, nk, c, bias=qkv_bias)  # [B, T, C]
     v = linear(d, context, nv, c, bias=qkv_bias)  # [B, T, C]
+    att = f"{path}.attention"
+    if d.taps is not None:
+        for part, tensor in (("q", q), ("k", k), ("v", v)):
+            d.taps.observe(d, tensor, f"{att}.{part}", channel_axis=-1, sample_rows=False)
+    probs_format = None
+    if d.quant is not None and d.quant.quantize_bmm and d.quant.has_stats(f"{att}.q"):
+        probs_format = d.quant.format
+        q, k, v = (quantize_dequantize(d, tensor, d.quant.act_scale(f"{att}.{part}"), probs_format,
+                                       name=f"{att}.{part}") for part, tensor in (("q", q), ("k", k), ("v", v)))
     q = reshape(d, q, (b, s, heads, head_dim), second_transpose=(0, 2, 1, 3))  # [B, N, S, D]
     k = reshape(d, k, (b, t, heads, head_dim), second_transpose=(0, 2, 1, 3))  # [B, N, T, D]
     v = reshape(d, v, (b, t, heads, head_dim), second_transpose=(0, 2, 1, 3))  # [B, N, T, D]
-    o = attention(d, q, k, v, name=f"{path}.attention", causal=causal)  # [B, N, S, D]
+    o = attention(d, q, k, v, name=att, causal=causal, probs_format=probs_format)  # [B, N, S, D]
     o = reshape(d, o, (b, s, c), first_transpose=(0, 2, 1, 3))  # [B, S, C]
     return linear(d, o, no, c)
 

@@ -629,14 +629,43 @@ def _dequantize(layer, inputs):
 
 
 def _gather(layer, inputs):
-    """Default mode: out = data indexed by `indices` along `axis` (an embedding lookup for axis 0)."""
-    if layer.mode.name != "DEFAULT" or layer.num_elementwise_dims != 0:
-        raise _unsupported(layer, f"gather mode {layer.mode.name} with {layer.num_elementwise_dims} elementwise dims")
+    """Default mode: out = data indexed by `indices` along `axis` (an embedding lookup for axis 0).
+
+    With one elementwise dim the leading axis is a batch: out[b] = data[b] indexed by indices[b]
+    along `axis` (e.g. one token per sequence: data [B, S, C], indices [B, 1], axis 1 -> [B, 1, C]).
+    """
+    elementwise = layer.num_elementwise_dims
+    if layer.mode.name != "DEFAULT" or elementwise not in (0, 1):
+        raise _unsupported(layer, f"gather mode {layer.mode.name} with {elementwise} elementwise dims")
     data, indices = inputs
     axis = layer.axis % data.ndim
     if indices.size and (indices.min() < 0 or indices.max() >= data.shape[axis]):
         raise ValueError(f"netexec: layer {layer.name!r} gathers indices outside [0, {data.shape[axis]})")
-    return [np.take(data, indices.astype(np.int64), axis=axis)]
+    indices = indices.astype(np.int64)
+    if elementwise == 0:
+        return [np.take(data, indices, axis=axis)]
+    if axis == 0 or indices.ndim == 0 or data.shape[0] != indices.shape[0]:
+        raise _unsupported(layer, f"an elementwise gather on axis {axis} of {data.shape} by indices {indices.shape}")
+    return [np.stack([np.take(data[b], indices[b], axis=axis - 1) for b in range(data.shape[0])])]
+
+
+def _topk(layer, inputs):
+    """The k largest (MAX) or smallest (MIN) values along one axis, in order, and their indices.
+
+    Ties go to the lower index. TensorRT leaves the order of ties open, so a network must not
+    depend on it (CLIP's pooling breaks ties itself before its TopK).
+    """
+    if _optional(inputs, 1) is not None:
+        raise _unsupported(layer, "k from a tensor")
+    x = inputs[0]
+    axes = _axes_from_mask(layer.axes, x.ndim)
+    if len(axes) != 1:
+        raise _unsupported(layer, f"top-k over axes {axes}")
+    axis, k = axes[0], layer.k
+    key = x.astype(np.float64) if _is_float(x) else x.astype(np.int64)
+    order = np.argsort(-key if layer.op.name == "MAX" else key, axis=axis, kind="stable")
+    indices = np.take(order, np.arange(k), axis=axis)
+    return [np.take_along_axis(x, indices, axis=axis), indices]
 
 
 def _select(layer, inputs):
@@ -728,6 +757,7 @@ def _dispatch():
         kinds.QUANTIZE: (trt.IQuantizeLayer, _quantize),
         kinds.DEQUANTIZE: (trt.IDequantizeLayer, _dequantize),
         kinds.GATHER: (trt.IGatherLayer, _gather),
+        kinds.TOPK: (trt.ITopKLayer, _topk),
         kinds.SELECT: (trt.ISelectLayer, _select),
         kinds.SQUEEZE: (trt.ISqueezeLayer, _squeeze),
         kinds.UNSQUEEZE: (trt.IUnsqueezeLayer, _unsqueeze),

@@ -253,17 +253,25 @@ def input_specs(cfg: UNetConfig, batch: int, latent_height: int, latent_width: i
 
 
 def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 128, latent_width: int = 128,
-           progress=None) -> UNetNetwork:
+           progress=None, calibration=None, quant_options: dict | None = None, calibration_taps: bool = False
+           ) -> UNetNetwork:
     """Define the UNet of `model` (pipeline folder, `unet/` folder, single file or opened component).
 
     Inputs as diffusers' UNet arguments: `sample` [B, 4, h, w], `timestep` [B] (fp32),
     `encoder_hidden_states` [B, 77, 2048], `text_embeds` [B, 1280], `time_ids` [B, 6] (fp32; [B, 5] for the refiner);
     output `noise_pred` [B, 4, h, w]. `progress(message)`, if given, hears about each block.
+
+    `precision` "int8"/"fp8" needs `calibration` (a CalibrationTable, or a path to one);
+    `quant_options` may override the table's tuned choices (`rule`, `alphas`) — the tuning
+    pipeline does that to compare candidates. `calibration_taps` defines the calibration
+    network instead: FP16 plus per-channel abs-max outputs (`amax:<path>`) and sampled rows.
     """
     from .. import weights as W
+    from ..quant.plan import CalibrationTaps, QuantPlan
+    from ..quant.table import CalibrationTable
 
-    if precision in ("int8", "fp8"):
-        raise UserError(f"--precision {precision}: 8-bit UNets are not available yet; use --precision fp16")
+    if precision not in ("fp32", "fp16", "int8", "fp8"):
+        raise UserError(f"--precision {precision}: expected one of fp16, int8, fp8 (or fp32)")
     component = W.open_component(model, "unet")
     W.check_unet_config(component)
     cfg = parse_config(component.config)
@@ -273,12 +281,22 @@ def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 
             f"batch {batch}, latent {latent_height}x{latent_width}: expected batch >= 1 and latent sides that are "
             f"positive multiples of {factor} (image sides multiples of {8 * factor})"
         )
-    d = L.new_definition(component, precision)
+    eight_bit = precision in ("int8", "fp8")
+    d = L.new_definition(component, "fp16" if eight_bit else precision)
+    if eight_bit:
+        if calibration is None:
+            raise UserError(f"--precision {precision}: needs a calibration table (calibrate first)")
+        table = calibration if isinstance(calibration, CalibrationTable) else \
+            CalibrationTable.load(calibration, component.fingerprint())
+        d.quant = QuantPlan(precision, table, component, **(quant_options or table.choices(precision)))
+    if calibration_taps:
+        d.taps = CalibrationTaps()
     specs = input_specs(cfg, batch, latent_height, latent_width, d.dtype)
     tensors = {name: L.add_input(d, name, dims, dt) for name, (dims, dt) in specs.items()}
     y = unet(d, cfg, tensors["sample"], tensors["timestep"], tensors["encoder_hidden_states"],
              tensors["text_embeds"], tensors["time_ids"], progress)
     L.mark_output(d, y, "noise_pred")
     component.check_all_consumed()
-    return UNetNetwork(d, cfg, specs)
-
+    net = UNetNetwork(d, cfg, specs)
+    net.precision = precision
+    return net

@@ -1,0 +1,35 @@
+"""The executor seam: something that runs one network on named numpy inputs.
+
+The pipeline and the calibration loop only call `executor.run(feeds) -> outputs`. Two
+implementations exist: `NetexecExecutor` (numpy, CPU; tiny models and tests) here, and the
+TensorRT engine executor in `trt_sdxl.runtime` (GPU). `inputs` describes what the network
+takes (name -> (shape, numpy dtype)), so callers can check sizes before running.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from . import netexec
+
+
+class Executor(Protocol):
+    inputs: dict[str, tuple[tuple[int, ...], object]]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class NetexecExecutor:
+    """Runs a defined network (anything with `.network` and `.inputs`) with netexec."""
+
+    def __init__(self, defined, outputs: list[str] | None = None):
+        self.defined = defined  # keeps builder and weights alive with the network
+        self.network = defined.network
+        self.inputs = defined.inputs
+        self.outputs = outputs
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cast = {k: np.asarray(v).astype(self.inputs[k][1], copy=False) for k, v in feeds.items()}
+        return netexec.run(self.network, cast, self.outputs)

@@ -1,0 +1,95 @@
+"""The calibration run: the FP16 UNet plus in-graph abs-max taps over real prompts and real steps.
+
+Each prompt is encoded by our text encoders, then denoised with the chosen scheduler, CFG as
+batch 2 and a fixed seed per prompt; every UNet call hands back the per-channel abs-max of
+each tapped layer input (and a few sampled rows), bucketed by denoising step. The executor
+is whatever runs the calibration network: netexec on the CPU (tiny models, tests) or a
+TensorRT engine on a GPU (`trt_sdxl.runtime`), behind the same `run(feeds)` seam.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Callable
+
+import numpy as np
+
+from .. import schedulers
+from ..pipeline import Conditioning, Pipeline
+from .table import FORMAT_VERSION, CalibrationTable
+
+SAMPLE_PROMPTS = 4  # prompts whose sampled rows are kept for the SmoothQuant alpha search
+
+
+class StatsCollector:
+    """Streams per-call tap outputs into per-step statistics (constant memory in the prompt count)."""
+
+    def __init__(self, prompts: int, steps: int):
+        self.prompts, self.steps = prompts, steps
+        self.tensor: dict[str, np.ndarray] = {}
+        self._sum: dict[str, np.ndarray] = {}
+        self._max: dict[str, np.ndarray] = {}
+        self._min: dict[str, np.ndarray] = {}
+        self.rows: dict[str, list[np.ndarray]] = {}
+        self.sample_steps = sorted({0, steps // 3, (2 * steps) // 3, steps - 1})
+
+    def add(self, prompt: int, step: int, outputs: dict[str, np.ndarray]) -> None:
+        for name, value in outputs.items():
+            kind, _, path = name.partition(":")
+            if kind == "amax":
+                v = np.asarray(value, np.float32)
+                if path not in self.tensor:
+                    self.tensor[path] = np.zeros((self.prompts, self.steps), np.float32)
+                    self._sum[path] = np.zeros((self.steps, v.size), np.float64)
+                    self._max[path] = np.zeros((self.steps, v.size), np.float32)
+                    self._min[path] = np.full((self.steps, v.size), np.inf, np.float32)
+                self.tensor[path][prompt, step] = v.max()
+                self._sum[path][step] += v
+                np.maximum(self._max[path][step], v, out=self._max[path][step])
+                np.minimum(self._min[path][step], v, out=self._min[path][step])
+            elif kind == "rows" and prompt < SAMPLE_PROMPTS and step in self.sample_steps:
+                self.rows.setdefault(path, []).append(np.asarray(value, np.float32))
+
+    def table(self, meta: dict) -> CalibrationTable:
+        chan = {p: np.stack([self._sum[p] / self.prompts, self._max[p], self._min[p]]).astype(np.float32)
+                for p in self.tensor}
+        rows = {p: np.concatenate(r).astype(np.float16) for p, r in self.rows.items()}
+        return CalibrationTable(meta=meta, tensor_amax=dict(self.tensor), channel_amax=chan, rows=rows)
+
+
+def initial_latents(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def step_noise(seed: int, shape: tuple[int, ...]) -> Callable[[int], np.ndarray]:
+    """Per-step standard normal draws for stochastic schedulers, reproducible from the seed."""
+    return lambda step: np.random.default_rng([seed, step + 1]).standard_normal(shape).astype(np.float32)
+
+
+def run_calibration(unet_executor, encode: Callable[[list[str]], Conditioning], prompts: list[str], *,
+                    scheduler: str = "euler", steps: int = 20, cfg: float = 5.0, seed: int = 0,
+                    latent_shape: tuple[int, int, int] = (4, 128, 128), unet_fingerprint: str = "",
+                    log=lambda message: print(message, file=sys.stderr, flush=True)) -> CalibrationTable:
+    """Calibrate over `prompts` (batch 1 each, CFG batch 2); returns the statistics as a table."""
+    collector = StatsCollector(len(prompts), steps)
+    loop = Pipeline(None, None, unet_executor, None, None, None)
+    for p, prompt in enumerate(prompts):
+        sched = schedulers.create(scheduler, steps)
+        cond = encode([prompt])
+        latents = initial_latents(seed + p, (1,) + tuple(latent_shape)) * np.float32(sched.init_noise_sigma)
+        loop.denoise(cond, latents, sched, cfg, noise=step_noise(seed + p, (1,) + tuple(latent_shape)),
+                     on_step=lambda i, t, out, p=p: collector.add(p, i, out))
+        log(f"calibration: prompt {p + 1}/{len(prompts)} ({steps} steps)")
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "unet_fingerprint": unet_fingerprint,
+        "scheduler": scheduler,
+        "steps": steps,
+        "cfg": cfg,
+        "seed": seed,
+        "prompts": len(prompts),
+        "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+        "latent_shape": list(latent_shape),
+    }
+    return collector.table(meta)

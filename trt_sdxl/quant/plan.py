@@ -1,0 +1,177 @@
+"""What the layer helpers consult while defining a network: calibration taps or a quantization plan.
+
+`CalibrationTaps` turns the FP16 network into the calibration network: for every input of a
+layer that some recipe quantizes it adds an in-graph reduction — the per-channel abs-max —
+as an extra output (`amax:<path>`), and for linear layers a few sampled rows (`rows:<path>`),
+so only small vectors leave the device.
+
+`QuantPlan` turns a CalibrationTable into what the quantized network needs: which layers
+run in 8 bits, each activation's amax (after smoothing, by the table's amax rule), and the
+SmoothQuant scales with where each 1/s is folded (norm affine, GEGLU value rows, to_v rows)
+or, where no fold exists, the explicit multiply to insert.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend
+from .percentile import AmaxRule, amax_from_steps, layer_amax
+from .recipe import QMAX, RECIPES, check_recipe, is_quantized, smoothing_rule
+from .smoothquant import smoothing_scales, weight_channel_amax
+from .table import CalibrationTable
+
+SAMPLE_POSITIONS = 8  # token rows sampled per linear input per call (x batch)
+
+
+def tapped(path: str) -> bool:
+    """Layers whose inputs calibration records: those any recipe quantizes, and attention q/k/v."""
+    return path.endswith((".attention.q", ".attention.k", ".attention.v")) or any(
+        is_quantized(name, path) for name in RECIPES)
+
+
+class CalibrationTaps:
+    """Every tapped path gets its own outputs, even where layers share an input tensor (q/k/v):
+    the reductions are cheap next to the matmuls, and the table stays keyed by layer alone."""
+
+    def __init__(self):
+        self.paths: list[str] = []
+
+    def observe(self, d, x, path: str, channel_axis: int, sample_rows: bool) -> None:
+        if not tapped(path) or path in self.paths:
+            return
+        from .. import layers as L
+
+        trt = backend.trt()
+        rank = len(x.shape)
+        axis = channel_axis % rank
+        mask = sum(1 << i for i in range(rank) if i != axis)
+        absx = L.unary(d, x, "ABS")
+        red = d.network.add_reduce(absx, trt.ReduceOperation.MAX, mask, False)
+        L.mark_output(d, red.get_output(0), f"amax:{path}", np.float32)  # [C]
+        if sample_rows and rank == 3:
+            b, s, c = x.shape
+            idx = np.linspace(0, s - 1, min(SAMPLE_POSITIONS, s)).round().astype(np.int32)
+            rows = d.network.add_gather(x, L.constant(d, idx), 1).get_output(0)  # [B, R, C]
+            L.mark_output(d, L.reshape(d, rows, (b * len(idx), c)), f"rows:{path}", np.float32)
+        self.paths.append(path)
+
+
+class QuantPlan:
+    """Quantization decisions for one recipe from one CalibrationTable (deterministic)."""
+
+    def __init__(self, recipe: str, table: CalibrationTable, weights, rule: AmaxRule, alphas: dict[str, float | None]):
+        self.recipe = recipe
+        self.format = check_recipe(recipe)["format"]
+        self.quantize_bmm = RECIPES[recipe]["attention_bmm"]
+        self.table = table
+        self.rule = rule
+        self.alphas = alphas
+        self.scales: dict[str, np.ndarray] = {}  # consumer path -> s
+        self.norm_divisors: dict[str, np.ndarray] = {}
+        self.row_divisors: dict[str, np.ndarray] = {}
+        self.explicit: dict[str, str] = {}  # consumer path -> group
+        self.smoothing_muls = 0
+        self._explicit_cache: dict[tuple[str, str], object] = {}
+        self._build_smoothing(weights)
+
+    # ------------------------------------------------------------ smoothing
+
+    def groups(self) -> dict[str, list[str]]:
+        """Smoothing groups among this recipe's quantized linear layers: group -> member paths."""
+        out: dict[str, list[str]] = {}
+        for path in self.table.channel_amax:
+            if not is_quantized(self.recipe, path):
+                continue
+            found = smoothing_rule(path)
+            if found:
+                out.setdefault(found[2], []).append(path)
+        return {g: sorted(m) for g, m in sorted(out.items())}
+
+    def group_weights(self, weights, members: list[str]) -> list[np.ndarray]:
+        return [np.asarray(weights.get(f"{p}.weight", dtype=np.float32)) for p in members]
+
+    def _build_smoothing(self, weights) -> None:
+        for group, members in self.groups().items():
+            alpha = self.alphas.get(group)
+            if alpha is None:
+                continue
+            w_amax = weight_channel_amax(self.group_weights(weights, members))
+            s = smoothing_scales(self.input_channel_max(members[0]), w_amax, alpha).astype(np.float32)
+            rule, producer, _ = smoothing_rule(members[0])
+            for p in members:
+                self.scales[p] = s
+            if rule.fold == "norm":
+                self.norm_divisors[producer] = s
+            elif rule.fold == "linear_rows":
+                self.row_divisors[producer] = s
+                # V leaves to_v divided by s, so its (FP8) attention quantizer sees v / s too
+                self.scales[producer.replace(".to_v", ".attention.v")] = s
+            elif rule.fold == "geglu_value":
+                self.row_divisors[producer] = np.concatenate([s, np.ones_like(s)])  # value half, then gate
+            else:
+                for p in members:
+                    self.explicit[p] = group
+
+    def input_channel_max(self, path: str) -> np.ndarray:
+        return self.table.channel_max(path)
+
+    # ------------------------------------------------------------ what the layer helpers ask
+
+    def has_stats(self, path: str) -> bool:
+        return path in self.table.channel_amax
+
+    def is_quantized(self, path: str) -> bool:
+        return path in self.table.channel_amax and is_quantized(self.recipe, path)
+
+    def act_amax(self, path: str) -> float:
+        """Activation amax of `path`'s input as the quantizer sees it (after smoothing), by the rule."""
+        s = self.scales.get(path)
+        if s is None:
+            return layer_amax(self.table.tensor_amax[path], self.rule)
+        stats = self.table.channel_amax[path] / s  # [3, T, C]: mean, max, min over prompts
+        if self.rule.method == "max":
+            return float(stats[1].max())
+        which = {"mean": 0, "max": 1, "min": 2}[self.rule.combine]
+        return amax_from_steps(stats[which].max(axis=-1), self.rule)
+
+    def act_scale(self, path: str) -> float:
+        return max(self.act_amax(path), 1e-8) / QMAX[self.format]
+
+    def transform_weight(self, path: str, weight: np.ndarray) -> np.ndarray:
+        """W * s on input channels (smoothing), / r on output rows (a consumer's 1/s folded here)."""
+        s, r = self.scales.get(path), self.row_divisors.get(path)
+        if s is None and r is None:
+            return weight
+        w = weight.astype(np.float32)
+        if s is not None:
+            w = w * s.reshape((1, -1) + (1,) * (w.ndim - 2))
+        if r is not None:
+            w = w / r.reshape((-1,) + (1,) * (w.ndim - 1))
+        return w.astype(weight.dtype)
+
+    def transform_bias(self, path: str, bias: np.ndarray) -> np.ndarray:
+        r = self.row_divisors.get(path)
+        return bias if r is None else (bias.astype(np.float32) / r).astype(bias.dtype)
+
+    def fold_norm(self, path: str, gamma: np.ndarray, beta: np.ndarray):
+        s = self.norm_divisors.get(path)
+        if s is None:
+            return gamma, beta
+        shape = gamma.shape
+        return ((gamma.reshape(-1).astype(np.float32) / s).astype(gamma.dtype).reshape(shape),
+                (beta.reshape(-1).astype(np.float32) / s).astype(beta.dtype).reshape(shape))
+
+    def smooth_input(self, d, x, path: str):
+        """x / s by an explicit multiply, shared by the layers of one group reading one tensor."""
+        group = self.explicit.get(path)
+        if group is None:
+            return x
+        key = (group, x.name)
+        if key not in self._explicit_cache:
+            from .. import layers as L
+
+            inv = (1.0 / self.scales[path]).reshape((1,) * (len(x.shape) - 1) + (-1,))
+            self._explicit_cache[key] = L.mul(d, x, L.constant(d, inv.astype(d.dtype)), name=f"{group}.smooth")
+            self.smoothing_muls += 1
+        return self._explicit_cache[key]

@@ -1,0 +1,94 @@
+"""Which UNet layers run in 8 bits, and where SmoothQuant's 1/s goes: both as tables.
+
+A recipe is a named level. `int8` is NVIDIA's "quant level 2.5" for SDXL INT8 (convolutions,
+feed-forward and attention q/k/v in INT8; attention BMMs in FP16, since there is no INT8
+fused attention above 512 tokens). `fp8` quantizes every convolution and linear layer and
+also the attention BMMs (q, k, v and the softmax output). Always high precision: `conv_in`,
+`conv_out`, `conv_shortcut`, the time/added embeddings (and each resnet's `time_emb_proj`,
+which reads the time embedding), all norms.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Kept in high precision whatever the recipe says (matched against the module path).
+ALWAYS_HIGH_PRECISION = (
+    r"^conv_in$", r"^conv_out$", r"\.conv_shortcut$",
+    r"^time_embedding\.", r"^add_embedding\.", r"\.time_emb_proj$",
+)
+
+# Module-path patterns per recipe level: a conv/linear whose path matches is quantized.
+RECIPES = {
+    "int8": {
+        "format": "int8",
+        "layers": (r"\.conv[12]$", r"\.downsamplers\.0\.conv$", r"\.upsamplers\.0\.conv$",
+                   r"\.ff\.net\.0\.proj$", r"\.ff\.net\.2$", r"\.attn[12]\.to_[qkv]$"),
+        "attention_bmm": False,
+    },
+    "fp8": {
+        "format": "fp8",
+        "layers": (r"\.conv[12]$", r"\.downsamplers\.0\.conv$", r"\.upsamplers\.0\.conv$",
+                   r"\.ff\.net\.0\.proj$", r"\.ff\.net\.2$", r"\.attn[12]\.to_[qkv]$",
+                   r"\.attn[12]\.to_out\.0$", r"\.proj_in$", r"\.proj_out$"),
+        "attention_bmm": True,
+    },
+}
+
+# 8-bit maxima: scale = amax / QMAX (INT8 symmetric; FP8 e4m3's largest finite value).
+QMAX = {"int8": 127.0, "fp8": 448.0}
+
+
+@dataclass(frozen=True)
+class SmoothingRule:
+    """Where a linear layer's SmoothQuant 1/s is folded (or that an explicit multiply is needed).
+
+    `producer` is a template over the consumer's groups: the module whose output is the
+    consumer's input; `fold` says how: "norm" (scale the norm's gamma and beta),
+    "geglu_value" (the value half of the GEGLU projection's rows), "linear_rows" (the
+    output rows of a linear layer: attention is linear in V, so to_out's 1/s goes into to_v),
+    or "explicit" (a constant multiply before the quantizer; counted as `smoothing_muls`).
+    `group` names the set of layers that read the same tensor and so share one s.
+    """
+
+    consumer: str
+    producer: str
+    fold: str
+    group: str
+
+
+SMOOTHING_RULES = (
+    SmoothingRule(r"^(?P<b>.+)\.attn1\.to_[qkv]$", "{b}.norm1", "norm", "{b}.attn1.qkv"),
+    SmoothingRule(r"^(?P<b>.+)\.attn2\.to_q$", "{b}.norm2", "norm", "{b}.attn2.q"),
+    SmoothingRule(r"^(?P<b>.+)\.attn2\.to_[kv]$", "{b}.attn2.context", "explicit", "{b}.attn2.kv"),
+    SmoothingRule(r"^(?P<b>.+)\.ff\.net\.0\.proj$", "{b}.norm3", "norm", "{b}.ff.net.0.proj"),
+    SmoothingRule(r"^(?P<b>.+)\.ff\.net\.2$", "{b}.ff.net.0.proj", "geglu_value", "{b}.ff.net.2"),
+    SmoothingRule(r"^(?P<b>.+)\.(?P<a>attn[12])\.to_out\.0$", "{b}.{a}.to_v", "linear_rows", "{b}.{a}.to_out.0"),
+    SmoothingRule(r"^(?P<t>.+)\.proj_in$", "{t}.norm", "norm", "{t}.proj_in"),
+    SmoothingRule(r"^(?P<t>.+)\.proj_out$", "{t}.proj_out.input", "explicit", "{t}.proj_out"),
+)
+
+
+def check_recipe(name: str) -> dict:
+    from ..errors import UserError
+
+    if name not in RECIPES:
+        raise UserError(f"quantization recipe {name!r}: expected one of {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def is_quantized(recipe: str, path: str) -> bool:
+    """Whether the conv/linear at module `path` runs in 8 bits under `recipe`."""
+    if any(re.search(p, path) for p in ALWAYS_HIGH_PRECISION):
+        return False
+    return any(re.search(p, path) for p in check_recipe(recipe)["layers"])
+
+
+def smoothing_rule(path: str) -> tuple[SmoothingRule, str, str] | None:
+    """(rule, producer path, group name) for a linear layer SmoothQuant may smooth; None for others."""
+    for rule in SMOOTHING_RULES:
+        m = re.match(rule.consumer, path)
+        if m:
+            return rule, rule.producer.format(**m.groupdict()), rule.group.format(**m.groupdict())
+    return None
