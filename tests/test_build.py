@@ -1,9 +1,12 @@
-"""`python -m trt_sdxl.build` as a user runs it, and ahead-of-time builds with a real TensorRT builder."""
+"""`python -m trt_sdxl.build` as a user runs it, ahead-of-time builds with a real TensorRT builder,
+and the embedded tiny default model those builds start from."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from trt_sdxl import backend, build
-from trt_sdxl.build import DEFAULT_MODEL, write_atomic
-from trt_sdxl.models import unet
+from trt_sdxl.build import COMPONENTS, DEFAULT_MODEL, write_atomic
+from trt_sdxl.models import clip, unet, vae
 
 REPO = Path(build.__file__).resolve().parent.parent
+TAG = backend.get().tag
 
 
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -22,31 +26,116 @@ def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
                           cwd=cwd or REPO, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-def test_default_build_writes_engine_manifest_and_report(tmp_path):
-    out = tmp_path / "engines"
-    proc = run_cli("--out", str(out))
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The single `trt_sdxl.build: error:` line of a run that failed as a user error should."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("trt_sdxl.build: error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------- the default build
+
+
+@pytest.fixture(scope="module")
+def default_build(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`python -m trt_sdxl.build --out DIR` run once: (DIR, the finished process). Tests read it, never change it."""
+    out = tmp_path_factory.mktemp("default_build") / "engines"
+    return out, run_cli("--out", str(out))
+
+
+def test_default_build_writes_four_engines_manifest_and_report(default_build):
+    out, proc = default_build
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     report = json.loads((out / "build_report.json").read_text())
-    entry = manifest["engines"]["unet"]
     be = backend.get()
-    assert entry["file"] == f"unet.fp16.{be.tag}.sm89.plan"
-    plan = out / entry["file"]
-    assert plan.stat().st_size > 100_000
-    assert entry["backend"] == be.name and entry["backend_version"] == be.version and entry["target"] == "SM89"
-    assert [i["name"] for i in entry["inputs"]] == ["sample", "timestep", "encoder_hidden_states", "text_embeds",
-                                                   "time_ids"]
-    assert entry["inputs"][0]["shape"] == [1, 4, 16, 16] and entry["inputs"][0]["dtype"] == "half"
-    assert entry["outputs"] == [{"name": "noise_pred", "shape": [1, 4, 16, 16], "dtype": "half"}]
-    assert len(entry["checkpoint_fingerprint"]) == 64
-    r = report["unet"]
-    assert r["macs_total"] > 0 and r["macs_8bit"] == 0 and r["layers"] > 100 and r["layers_quantized"] == 0
-    assert r["smoothing_muls"] == 0 and r["build_seconds"] > 0
-    # progress: loading, definition and build are each reported
-    for stage in ("opening weights", "defining the network", "building for SM89", "wrote"):
-        assert stage in proc.stderr, proc.stderr
+    engines = manifest["engines"]
+    assert sorted(engines) == sorted(COMPONENTS)
+    names = {c: e["file"] for c, e in engines.items()}
+    assert names == {"text_encoder": f"text_encoder.fp16.{TAG}.sm89.plan",
+                     "text_encoder_2": f"text_encoder_2.fp16.{TAG}.sm89.plan",
+                     "unet": f"unet.fp16.{TAG}.sm89.plan",
+                     "vae": f"vae.fp32.{TAG}.sm89.plan"}
+    for component, entry in engines.items():
+        assert (out / entry["file"]).stat().st_size > 100_000, component
+        assert entry["component"] == component and entry["target"] == "SM89"
+        assert entry["backend"] == be.name and entry["backend_version"] == be.version
+        assert entry["batch"] == 1 and entry["cfg_batch"] == 2
+        assert len(entry["checkpoint_fingerprint"]) == 64
+        assert entry["checkpoint"] == str(DEFAULT_MODEL / component)
+    assert [e["precision"] for e in engines.values()] == ["fp16", "fp16", "fp16", "fp32"]
+
+    # the UNet takes the CFG batch (uncond + cond), the text encoders and the VAE one image per prompt
+    u = engines["unet"]
+    assert [i["name"] for i in u["inputs"]] == ["sample", "timestep", "encoder_hidden_states", "text_embeds",
+                                               "time_ids"]
+    assert u["inputs"][0] == {"name": "sample", "shape": [2, 4, 16, 16], "dtype": "half"}
+    assert u["inputs"][2]["shape"] == [2, 77, 64] and u["inputs"][3]["shape"] == [2, 32]
+    assert u["outputs"] == [{"name": "noise_pred", "shape": [2, 4, 16, 16], "dtype": "half"}]
+    assert (u["image_height"], u["image_width"]) == (128, 128)
+    for component, folder in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        e = engines[component]
+        assert e["inputs"] == [{"name": "input_ids", "shape": [1, 77], "dtype": "int32"}]
+        assert e["outputs"][0] == {"name": "hidden_states", "shape": [1, 77, 32], "dtype": "half"}
+        assert e["tokenizer"] == str(DEFAULT_MODEL / folder)
+    assert engines["text_encoder_2"]["outputs"][1] == {"name": "text_embeds", "shape": [1, 32], "dtype": "half"}
+    assert len(engines["text_encoder"]["outputs"]) == 1
+    v = engines["vae"]
+    assert v["inputs"] == [{"name": "latent", "shape": [1, 4, 16, 16], "dtype": "float"}]
+    assert v["outputs"] == [{"name": "image", "shape": [1, 3, 128, 128], "dtype": "float"}]
+
+    for component in COMPONENTS:
+        r = report[component]
+        assert r["macs_total"] > 0 and r["macs_8bit"] == 0 and r["layers"] > 50, (component, r)
+        assert r["layers_quantized"] == 0 and r["smoothing_muls"] == 0 and r["build_seconds"] > 0
+    assert report["unet"]["layers"] > 1000 and report["vae"]["precision"] == "fp32"
+    # progress: loading and definition per component, then building engine k of 4
+    for component in COMPONENTS:
+        for stage in (f"{component}: opening weights", f"{component}: defining the network",
+                      f"{component}: building for SM89", f"wrote {out / names[component]}"):
+            assert stage in proc.stderr, proc.stderr
+    assert "[4/4] vae: building for SM89" in proc.stderr
     # no temporary files left behind
-    assert sorted(p.name for p in out.iterdir()) == sorted([entry["file"], "manifest.json", "build_report.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names.values(), "manifest.json", "build_report.json"])
+
+
+def test_components_subset_batch_and_vae_precision(tmp_path):
+    out = tmp_path / "engines"
+    proc = run_cli("--out", str(out), "--components", "unet,vae", "--batch", "2", "--vae-precision", "bf16")
+    assert proc.returncode == 0, proc.stderr
+    engines = json.loads((out / "manifest.json").read_text())["engines"]
+    assert sorted(engines) == ["unet", "vae"]
+    assert engines["vae"]["file"] == f"vae.bf16.{TAG}.sm89.plan" and engines["vae"]["precision"] == "bf16"
+    assert engines["unet"]["inputs"][0]["shape"] == [4, 4, 16, 16]  # 2 images per prompt: CFG batch 4
+    assert engines["vae"]["inputs"][0]["shape"] == [2, 4, 16, 16]
+    assert engines["vae"]["outputs"][0]["shape"] == [2, 3, 128, 128]
+    assert all(e["batch"] == 2 and e["cfg_batch"] == 4 for e in engines.values())
+    assert "text_encoder" not in proc.stderr
+
+    # a later build of another subset adds to the manifest and keeps what is there
+    unet_plan = (out / engines["unet"]["file"]).read_bytes()
+    proc = run_cli("--out", str(out), "--components", "text_encoder_2")
+    assert proc.returncode == 0, proc.stderr
+    merged = json.loads((out / "manifest.json").read_text())["engines"]
+    assert sorted(merged) == ["text_encoder_2", "unet", "vae"]
+    assert merged["unet"] == engines["unet"] and (out / engines["unet"]["file"]).read_bytes() == unet_plan
+    assert merged["text_encoder_2"]["inputs"][0]["shape"] == [1, 77]
+    assert "keeps unet from an earlier build (batch 2" in proc.stderr, proc.stderr
+
+
+def test_fp16_vae_for_overflowing_weights_warns_in_one_line(tmp_path):
+    proc = run_cli("--out", str(tmp_path / "o"), "--components", "vae", "--vae-precision", "fp16")
+    assert proc.returncode == 0, proc.stderr
+    warning = [ln for ln in proc.stderr.splitlines() if "known to overflow" in ln]
+    assert len(warning) == 1 and warning[0].startswith("[trt_sdxl.build] vae: warning: --vae-precision fp16"), \
+        proc.stderr
+    assert (tmp_path / "o" / f"vae.fp16.{TAG}.sm89.plan").is_file()
 
 
 @pytest.mark.parametrize("target", ["SM89", "SM120"])
@@ -54,6 +143,40 @@ def test_tiny_unet_aot_build(target):
     net = unet.define(DEFAULT_MODEL, batch=2, latent_height=16, latent_width=24)
     engine, seconds = build.build_engine(net.definition, target)
     assert engine.nbytes > 100_000, f"{target}: engine of {engine.nbytes} bytes"
+
+
+@pytest.mark.parametrize("target", ["SM89", "SM120"])
+def test_tiny_text_encoders_and_vae_aot_build(target):
+    for net in (clip.define(DEFAULT_MODEL, encoder=1, batch=2), clip.define(DEFAULT_MODEL, encoder=2, batch=2),
+                vae.define(DEFAULT_MODEL, batch=2, latent_height=16, latent_width=24)):
+        engine, seconds = build.build_engine(net.definition, target)
+        assert engine.nbytes > 100_000, f"{target}: engine of {engine.nbytes} bytes"
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def previous_build(tmp_path) -> Path:
+    """An output folder holding an earlier build's files (stand-ins), which a failed build must not touch."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / f"unet.fp16.{TAG}.sm89.plan").write_bytes(b"earlier engine")
+    (out / "manifest.json").write_text('{"engines": {"unet": {"file": "earlier"}}}\n')
+    (out / "build_report.json").write_text("{}\n")
+    return out
+
+
+@pytest.fixture
+def model_copy(tmp_path) -> Path:
+    """A copy of the tiny default pipeline folder that a test may damage."""
+    return Path(shutil.copytree(DEFAULT_MODEL, tmp_path / "model"))
+
+
+def check_failed_cleanly(proc, needle: str, out: Path, before: dict[str, bytes]) -> None:
+    line = one_error_line(proc)
+    assert needle in line, line
+    assert folder_bytes(out) == before, "a failed build changed the output folder"
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -64,14 +187,64 @@ def test_tiny_unet_aot_build(target):
     (["--height", "136", "--width", "128"], "multiples of 32"),
     (["--batch", "0"], "--batch 0"),
     (["--target", "SM90"], "--target SM90"),
+    (["--components", "unet,clip"], "--components unet,clip: 'clip' is not a component; expected a "
+                                    "comma-separated list of text_encoder, text_encoder_2, unet, vae"),
+    (["--components", ","], "--components ,: no component named"),
+    (["--vae-precision", "int8"], "--vae-precision int8: expected one of fp32, bf16, fp16"),
+    (["--vae-precision", "bf16", "--target", "SM75"], "--vae-precision bf16: SM75 has no bfloat16"),
 ])
-def test_bad_input_is_one_clear_line(tmp_path, args, needle):
-    proc = run_cli("--out", str(tmp_path / "o"), *args)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("trt_sdxl.build: error:")]
-    assert len(lines) == 1 and needle in lines[0], proc.stderr
-    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.plan"))
+def test_bad_flags_are_one_clear_line(previous_build, args, needle):
+    before = folder_bytes(previous_build)
+    check_failed_cleanly(run_cli("--out", str(previous_build), *args), needle, previous_build, before)
+
+
+def damage_remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("damage,args,needle", [
+    # a pipeline folder without the component asked for (by default all four are)
+    (lambda m: damage_remove(m / "text_encoder_2"), [], "has no text_encoder_2/ folder"),
+    (lambda m: damage_remove(m / "vae"), ["--components", "unet,vae"], "has no vae/ folder"),
+    (lambda m: damage_remove(m / "text_encoder" / "model.safetensors"), [], "no text_encoder weights found"),
+    # tokenizer files missing or corrupt
+    (lambda m: damage_remove(m / "tokenizer_2"), [], "has no tokenizer_2/ folder"),
+    (lambda m: damage_remove(m / "tokenizer" / "vocab.json"), [], "tokenizer/vocab.json: missing"),
+    (lambda m: damage_remove(m / "tokenizer_2" / "merges.txt"), ["--components", "text_encoder_2"],
+     "tokenizer_2/merges.txt: missing"),
+    (lambda m: (m / "tokenizer" / "vocab.json").write_text('{"a": 1, "b":'), [],
+     "tokenizer/vocab.json: not valid JSON"),
+    (lambda m: (m / "tokenizer_2" / "merges.txt").write_bytes(b"#version: 0.2\n\xff\xfe\x00junk\n"), [],
+     "tokenizer_2/merges.txt: not UTF-8 text"),
+    (lambda m: (m / "tokenizer" / "tokenizer_config.json").write_text("[1, 2"), [],
+     "tokenizer/tokenizer_config.json: not valid JSON"),
+    (lambda m: (m / "tokenizer" / "vocab.json").write_text(json.dumps(
+        {**json.loads((m / "tokenizer" / "vocab.json").read_text()), "zzz</w>": 50000})), [],
+     "tokenizer/vocab.json: token ids go up to 50000, but the text_encoder has 814 token embeddings"),
+])
+def test_bad_checkpoint_is_one_clear_line(previous_build, model_copy, damage, args, needle):
+    damage(model_copy)
+    before = folder_bytes(previous_build)
+    proc = run_cli("--out", str(previous_build), "--model", str(model_copy), *args)
+    check_failed_cleanly(proc, needle, previous_build, before)
+
+
+def test_vae_only_build_needs_nothing_else(tmp_path, model_copy):
+    for name in ("tokenizer", "tokenizer_2", "text_encoder_2", "unet"):
+        damage_remove(model_copy / name)
+    out = tmp_path / "o"
+    proc = run_cli("--out", str(out), "--model", str(model_copy), "--components", "vae")
+    assert proc.returncode == 0, proc.stderr
+    entry = json.loads((out / "manifest.json").read_text())["engines"]["vae"]
+    # without a UNet, the image size comes from the VAE config's sample_size (SDXL's is the image side)
+    assert (entry["image_height"], entry["image_width"]) == (128, 128)
+    assert entry["outputs"][0]["shape"] == [1, 3, 128, 128]
+
+
+# ---------------------------------------------------------------- atomic writes
 
 
 def test_write_atomic_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -88,15 +261,80 @@ def test_write_atomic_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["unet.plan"], "temporary file left behind"
 
 
-def test_failed_build_leaves_previous_outputs_intact(tmp_path, monkeypatch):
-    out = tmp_path / "engines"
-    assert build.main(["--out", str(out)]) == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+@pytest.mark.parametrize("fail_at", [1, 3])  # the first engine; the UNet, after both text encoders were built
+def test_failed_build_leaves_previous_outputs_intact(tmp_path, monkeypatch, default_build, fail_at):
+    assert default_build[1].returncode == 0, default_build[1].stderr
+    out = Path(shutil.copytree(default_build[0], tmp_path / "engines"))
+    before = folder_bytes(out)
+    real_build_engine = build.build_engine
+    calls = []
 
     def failing_build(definition, target):
-        raise KeyboardInterrupt
+        calls.append(target)
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return real_build_engine(definition, target)
 
     monkeypatch.setattr(build, "build_engine", failing_build)
-    assert build.main(["--out", str(out)]) == 130
-    after = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert after == before
+    # a different batch, so an engine written before the failure would differ from the one on disk
+    assert build.main(["--out", str(out), "--batch", "2"]) == 130
+    assert len(calls) == fail_at
+    assert folder_bytes(out) == before
+
+
+# ---------------------------------------------------------------- the embedded default model
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("make_tiny_default", REPO / "tools" / "make_tiny_default.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_tiny_default_tool_is_deterministic_and_made_the_committed_weights(tmp_path):
+    from safetensors.numpy import load_file
+
+    tool = load_tool()
+    first, second = tree_bytes(tool.make(tmp_path / "a")), tree_bytes(tool.make(tmp_path / "b"))
+    assert first == second, [k for k in first if first[k] != second.get(k)]
+    committed = tree_bytes(DEFAULT_MODEL)
+    assert sorted(committed) == sorted(first)
+    assert sum(map(len, committed.values())) < 8 * 2**20, "the embedded model should stay a few MB"
+    # Tensors are compared exactly; JSON apart from the library versions it records, which the
+    # installed diffusers/transformers may have moved on from.
+    versions = ("_diffusers_version", "transformers_version")
+    for name, data in committed.items():
+        if name.endswith(".safetensors"):
+            made, have = load_file(tmp_path / "a" / name), load_file(DEFAULT_MODEL / name)
+            assert sorted(made) == sorted(have), name
+            for key in have:
+                assert have[key].dtype == made[key].dtype and (have[key] == made[key]).all(), f"{name}: {key}"
+        elif name.endswith(".json"):
+            strip = lambda d: {k: v for k, v in d.items() if k not in versions}  # noqa: E731
+            assert strip(json.loads(data)) == strip(json.loads(first[name])), name
+        else:
+            assert data == first[name], name
+
+
+def test_tiny_default_loads_in_diffusers_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is first imported
+    import diffusers
+    import torch
+
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(DEFAULT_MODEL, local_files_only=True)
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert pipe.scheduler.config.timestep_spacing == "leading" and pipe.scheduler.config.steps_offset == 1
+    assert pipe.vae.config.force_upcast and pipe.vae_scale_factor == 8
+    assert pipe.default_sample_size * pipe.vae_scale_factor == 128
+    assert pipe.unet.config.cross_attention_dim == (pipe.text_encoder.config.hidden_size
+                                                    + pipe.text_encoder_2.config.hidden_size)
+    embeds, _, pooled, _ = pipe.encode_prompt("a horse on the moon", do_classifier_free_guidance=False)
+    assert tuple(embeds.shape) == (1, 77, 64) and tuple(pooled.shape) == (1, 32)
+    with torch.no_grad():
+        image = pipe.vae.decode(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))).sample
+    assert tuple(image.shape) == (1, 3, 128, 128) and torch.isfinite(image).all()

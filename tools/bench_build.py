@@ -1,11 +1,17 @@
-"""Benchmark: open, define and AOT-build a full-size SDXL UNet; print a table, write bench_build.json.
+"""Benchmark: open, define and AOT-build full-size SDXL engines; print a table, write bench_build.json.
 
-Without --model it writes (once, cached under build/bench/) an SDXL base 1.0 UNet with random
-fp16 weights in the real diffusers layout — key names and shapes from diffusers' own
-UNet2DConditionModel built from our packaged config on the `meta` device — so the figures
-need no download. Each measurement runs in a fresh child process so its peak RSS is its own.
+Components: the UNet (fp16, batch 1, 1024x1024), both text encoders (fp16, batch 1, 77 tokens)
+and the VAE decoder (fp32, batch 1, 1024x1024). Without --model it writes (once, cached under
+build/bench/sdxl-base-random/) an SDXL base 1.0 pipeline folder with random fp16 weights in the
+real layout: key names and shapes from diffusers' own UNet2DConditionModel and AutoencoderKL and
+transformers' CLIPTextModel / CLIPTextModelWithProjection, built from our packaged configs on the
+`meta` device, so the figures need no download. Each measurement runs in a fresh child process,
+so its peak RSS is its own.
 
-    python tools/bench_build.py [--model PATH] [--target SM89] [--skip-build]
+--components picks what to measure (default: all four); the JSON keeps the figures of the
+components not measured this time from the previous run, so it stays complete.
+
+    python tools/bench_build.py [--model PATH] [--components unet,vae] [--target SM89] [--skip-build]
 """
 
 from __future__ import annotations
@@ -26,22 +32,62 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+PRECISION = {"unet": "fp16", "text_encoder": "fp16", "text_encoder_2": "fp16", "vae": "fp32"}
+WEIGHT_FILE = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+               "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
+RANDOM_MODEL = REPO / "build" / "bench" / "sdxl-base-random"
+
 
 def peak_rss_bytes() -> int:
+    """This process's peak RSS. Linux's VmHWM, not getrusage's ru_maxrss: that one carries the
+    parent's peak over fork and exec, and the parent may have imported torch to write weights."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def write_random_unet(folder: Path, variant: str = "sdxl_base_1.0", seed: int = 0) -> Path:
-    """A diffusers `unet/` folder with random fp16 weights; streamed tensor by tensor (low memory)."""
+# ---------------------------------------------------------------- random weights, real layout
+
+
+def layout(component: str, variant: str = "sdxl_base_1.0") -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """(packaged config, {tensor name: shape}) of `component`, the names and shapes from the
+    diffusers/transformers model class built on the meta device (no memory, no download)."""
     import torch
-    from diffusers import UNet2DConditionModel
 
     from trt_sdxl import configs
 
-    config = configs.load(variant, "unet")
+    config = configs.load(variant, component)
+    plain = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device("meta"):
-        model = UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+        if component == "unet":
+            from diffusers import UNet2DConditionModel
+
+            model = UNet2DConditionModel.from_config(plain)
+        elif component == "vae":
+            from diffusers import AutoencoderKL
+
+            model = AutoencoderKL.from_config(plain)
+        else:
+            from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+            cls = CLIPTextModel if component == "text_encoder" else CLIPTextModelWithProjection
+            model = cls(CLIPTextConfig.from_dict(plain))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if component == "text_encoder" and not any(k.startswith("text_model.") for k in shapes):
+        # transformers >= 5 names CLIPTextModel's tensors without the `text_model.` prefix the
+        # published SDXL text_encoder (saved by transformers 4.x) has; write the published names.
+        shapes = {"text_model." + k: v for k, v in shapes.items()}
+    return config, shapes
+
+
+def write_random_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> Path:
+    """A safetensors file of random fp16 tensors (norm gains near 1, matrices ~ N(0, 1/fan_in)),
+    streamed tensor by tensor so memory stays at one tensor; written to a temporary name, then renamed."""
     header, offset = {}, 0
     for name, shape in shapes.items():
         size = int(np.prod(shape)) * 2
@@ -49,8 +95,8 @@ def write_random_unet(folder: Path, variant: str = "sdxl_base_1.0", seed: int = 
         offset += size
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "diffusion_pytorch_model.safetensors.tmp"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     rng = np.random.default_rng(seed)
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
@@ -64,25 +110,35 @@ def write_random_unet(folder: Path, variant: str = "sdxl_base_1.0", seed: int = 
             f.write(array.astype(np.float16).tobytes())
             if i % 200 == 0:
                 print(f"  writing random weights: {i}/{len(shapes)} tensors", file=sys.stderr, flush=True)
-    tmp.replace(folder / "diffusion_pytorch_model.safetensors")
+    tmp.replace(path)
+    return path
+
+
+def write_random_component(root: Path, component: str) -> Path:
+    """`root/<component>/` with config.json and random fp16 weights in the real layout."""
+    folder = root / component
+    config, shapes = layout(component)
+    write_random_safetensors(folder / WEIGHT_FILE[component], shapes, seed=COMPONENTS.index(component))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 
 
-def measure(model: str, target: str, build: bool, height: int, width: int) -> dict:
-    """Runs in the child process: the stages of one UNet build, timed, with peak RSS after each."""
-    from trt_sdxl import backend, weights
-    from trt_sdxl.build import build_engine
-    from trt_sdxl.models import unet
+# ---------------------------------------------------------------- one measurement (child process)
 
-    result: dict = {}
+
+def measure(model: str, component: str, target: str, build: bool, height: int, width: int) -> dict:
+    """The stages of one component's build, timed, with peak RSS after each."""
+    from trt_sdxl import backend, weights
+    from trt_sdxl.build import build_engine, define_component
+
+    result: dict = {"precision": PRECISION[component], "batch": 1}
     t0 = time.perf_counter()
-    component = weights.open_component(model, "unet")
+    checkpoint = weights.open_component(model, component)
     result["open_s"] = time.perf_counter() - t0
-    result["weight_bytes"] = component.weight_bytes
+    result["weight_bytes"] = checkpoint.weight_bytes
     result["rss_after_open"] = peak_rss_bytes()
     t0 = time.perf_counter()
-    net = unet.define(component, precision="fp16", batch=1, latent_height=height // 8, latent_width=width // 8)
+    net = define_component(component, checkpoint, PRECISION[component], 1, height // 8, width // 8)
     result["define_s"] = time.perf_counter() - t0
     result["layers"] = net.network.num_layers
     result["rss_after_define"] = peak_rss_bytes()
@@ -96,54 +152,86 @@ def measure(model: str, target: str, build: bool, height: int, width: int) -> di
     return result
 
 
+# ---------------------------------------------------------------- the table
+
+
+def previous_results(path: Path) -> dict:
+    """Per-component results of the last run; the single-UNet format of earlier versions is read as the unet's."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if "build_s" in data or "define_s" in data:
+        return {"unet": {"precision": "fp16", "batch": 1, **data}}
+    return data.get("components", {})
+
+
+def table(results: dict, target: str) -> list[str]:
+    gib = 2**30
+    lines = [f"{'component':<20} {'weights':>10} {'open':>7} {'define':>8} {'RSS':>9} {'layers':>6} "
+             f"{'AOT build':>10} {'RSS':>9} {'engine':>10}  measured"]
+    for component in COMPONENTS:
+        r = results.get(component)
+        if r is None:
+            continue
+        build = (f"{r['build_s']:>8.1f} s {r['rss_after_build'] / gib:>5.2f} GiB {r['engine_bytes'] / gib:>6.2f} GiB"
+                 if "build_s" in r else f"{'-':>10} {'-':>9} {'-':>10}")
+        lines.append(f"{component + ' ' + r['precision']:<20} {r['weight_bytes'] / gib:>6.2f} GiB {r['open_s']:>5.2f} s "
+                     f"{r['define_s']:>6.2f} s {r['rss_after_define'] / gib:>5.2f} GiB {r['layers']:>6} "
+                     f"{build}  {r.get('date', '')} {r.get('target', target)}")
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="a real SDXL checkpoint (pipeline folder, unet/ folder or single file)")
+    p.add_argument("--model", help="a real SDXL checkpoint (pipeline folder or single file; a component folder "
+                                   "for that component alone)")
+    p.add_argument("--components", default=",".join(COMPONENTS),
+                   help=f"comma-separated, of {','.join(COMPONENTS)} (default: all)")
     p.add_argument("--target", default="SM89")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--skip-build", action="store_true", help="only open and define")
     p.add_argument("--out", default=str(REPO / "tools" / "bench_build.json"))
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child", help=argparse.SUPPRESS)  # the component to measure, in a child process
     args = p.parse_args()
 
     if args.child:
-        print(json.dumps(measure(args.model, args.target, not args.skip_build, args.height, args.width)))
+        result = measure(args.model, args.child, args.target, not args.skip_build, args.height, args.width)
+        print(json.dumps(result))
         return 0
 
-    model = args.model
-    if model is None:
-        folder = REPO / "build" / "bench" / "sdxl-base-random" / "unet"
-        if not (folder / "diffusion_pytorch_model.safetensors").exists():
-            print(f"writing a random-weight SDXL base UNet to {folder} (once)", file=sys.stderr)
-            write_random_unet(folder)
-        model = str(folder)
-    cmd = [sys.executable, __file__, "--child", "--model", model, "--target", args.target,
-           "--height", str(args.height), "--width", str(args.width)] + (["--skip-build"] if args.skip_build else [])
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if proc.returncode:
-        return proc.returncode
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    gib = 2**30
-    rows = [
-        ("weights", f"{r['weight_bytes'] / gib:.2f} GiB", ""),
-        ("open", f"{r['open_s']:.2f} s", f"peak RSS {r['rss_after_open'] / gib:.2f} GiB"),
-        ("define", f"{r['define_s']:.2f} s", f"peak RSS {r['rss_after_define'] / gib:.2f} GiB "
-                                             f"({r['rss_after_define'] / r['weight_bytes']:.2f}x weights), "
-                                             f"{r['layers']} layers"),
-    ]
-    if "build_s" in r:
-        rows.append(("AOT build", f"{r['build_s']:.1f} s",
-                     f"{args.target}, peak RSS {r['rss_after_build'] / gib:.2f} GiB, "
-                     f"engine {r['engine_bytes'] / gib:.2f} GiB"))
-    print(f"SDXL UNet fp16 {args.width}x{args.height}, {r['backend']}, {platform.processor() or platform.machine()}")
-    print(f"{'stage':<10} {'time':>10}  notes")
-    for stage, t, notes in rows:
-        print(f"{stage:<10} {t:>10}  {notes}")
-    r.update({"date": date.today().isoformat(), "machine": platform.node(), "target": args.target,
-              "model": model, "height": args.height, "width": args.width})
-    Path(args.out).write_text(json.dumps(r, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    components = [c.strip() for c in args.components.split(",") if c.strip()]
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown or not components:
+        p.error(f"--components {args.components}: expected names from {', '.join(COMPONENTS)}")
+    out = Path(args.out)
+    results = previous_results(out)
+    for component in components:
+        model = args.model
+        if model is None:
+            if not (RANDOM_MODEL / component / WEIGHT_FILE[component]).exists():
+                print(f"writing random-weight SDXL base {component} to {RANDOM_MODEL / component} (once)",
+                      file=sys.stderr)
+                write_random_component(RANDOM_MODEL, component)
+            model = str(RANDOM_MODEL / component)
+        print(f"measuring {component} ({PRECISION[component]})", file=sys.stderr, flush=True)
+        cmd = [sys.executable, __file__, "--child", component, "--model", model, "--target", args.target,
+               "--height", str(args.height), "--width", str(args.width)] + (["--skip-build"] if args.skip_build else [])
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if proc.returncode:
+            return proc.returncode
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r.update({"date": date.today().isoformat(), "machine": platform.node(), "target": args.target,
+                  "model": model})
+        if component in ("unet", "vae"):
+            r.update({"height": args.height, "width": args.width})
+        results[component] = r
+    backends = sorted({r["backend"] for r in results.values()})
+    print(f"SDXL engines, {', '.join(backends)}, {platform.processor() or platform.machine()}; "
+          f"UNet and VAE at {args.width}x{args.height}, batch 1")
+    print("\n".join(table(results, args.target)))
+    out.write_text(json.dumps({"components": results}, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 
