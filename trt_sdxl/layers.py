@@ -234,6 +234,8 @@ def _quantized_weight(d: Definition, path: str, weight: np.ndarray):
 
 def _quantized_input(d: Definition, x, path: str):
     x = d.quant.smooth_input(d, x, path)
+    if not d.quant.qdq:
+        return x
     return quantize_dequantize(d, x, d.quant.act_scale(path), d.quant.format, name=f"{path}.input")
 
 
@@ -245,12 +247,13 @@ def conv2d(d: Definition, x, path: str, out_channels: int, kernel: int, stride: 
         d.taps.observe(d, x, path, channel_axis=1, sample_rows=False)
     weight = d.param(f"{path}.weight", (out_channels, c, kernel, kernel))
     bias_array = d.param(f"{path}.bias", (out_channels,)) if bias else None
-    quantized = d.quant is not None and d.quant.is_quantized(path)
+    quantized = d.quant is not None and d.quant.is_quantized(path) and d.quant.qdq
     if quantized:
         trt = backend.trt()
         layer = d.network.add_convolution_nd(_quantized_input(d, x, path), out_channels, (kernel, kernel),
                                              trt.Weights(), trt.Weights())
-        layer.set_input(1, _quantized_weight(d, path, d.keep(d.quant.transform_weight(path, weight))))
+        smoothed = d.keep(d.quant.transform_weight(path, weight))
+        layer.set_input(1, _quantized_weight(d, path, smoothed) if d.quant.qdq else weight_tensor(d, smoothed))
         if bias:
             layer.set_input(2, weight_tensor(d, bias_array, f"{path}.bias"))  # [O]
     elif d.weight_dtype == d.dtype:
@@ -288,15 +291,17 @@ def linear(d: Definition, x, path: str, out_features: int, bias: bool = True, we
     quantized = d.quant is not None and d.quant.is_quantized(path)
     rank = len(dims)
     w_shape = (1,) * (rank - 2) + weight.shape
+    eight_bit = quantized and d.quant.qdq
     if quantized:
-        x = _quantized_input(d, x, path)
+        x = _quantized_input(d, x, path)  # smoothing's explicit 1/s where needed, then Q/DQ
+    if eight_bit:
         w = reshape(d, _quantized_weight(d, path, weight), w_shape)
     else:
         w = weight_tensor(d, weight.reshape(w_shape), name=f"{path}.weight")
     trt = backend.trt()
     y = _named(d.network.add_matrix_multiply(x, trt.MatrixOperation.NONE, w, trt.MatrixOperation.TRANSPOSE),
                path)  # [..., out]
-    d.macs.append(MacRecord(path, "linear", int(np.prod(dims[:-1])) * in_features * out_features, quantized))
+    d.macs.append(MacRecord(path, "linear", int(np.prod(dims[:-1])) * in_features * out_features, eight_bit))
     if bias:
         b = d.param(f"{path}.bias", (out_features,))
         if weight_scale != 1.0:

@@ -60,10 +60,14 @@ class CalibrationTaps:
 class QuantPlan:
     """Quantization decisions for one recipe from one CalibrationTable (deterministic)."""
 
-    def __init__(self, recipe: str, table: CalibrationTable, weights, rule: AmaxRule, alphas: dict[str, float | None]):
+    def __init__(self, recipe: str, table: CalibrationTable, weights, rule: AmaxRule, alphas: dict[str, float | None],
+                 qdq: bool = True):
+        # qdq=False applies SmoothQuant's transforms without quantizing: the network must then equal
+        # the FP16 one up to rounding, whatever the alphas (how the tests prove every fold exact).
+        self.qdq = qdq
         self.recipe = recipe
         self.format = check_recipe(recipe)["format"]
-        self.quantize_bmm = RECIPES[recipe]["attention_bmm"]
+        self.quantize_bmm = RECIPES[recipe]["attention_bmm"] and qdq
         self.table = table
         self.rule = rule
         self.alphas = alphas

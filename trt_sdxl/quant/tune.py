@@ -2,8 +2,9 @@
 
 1. alpha, per group of quantized linear layers reading one tensor: the grid value (or no
    smoothing) minimizing the group's quantized output error on the calibration rows.
-2. the amax rule (method, p, combine): the candidate minimizing the error of whole denoising
-   trajectories of held-aside prompts against the FP16 network's, with the alphas of step 1.
+2. the amax rule (method, p, combine), and whether to keep step 1's smoothing at all: the
+   candidate minimizing the error of whole denoising trajectories of held-aside prompts
+   against the FP16 network's.
 Both print what they chose and what it bought; the choices go into the CalibrationTable.
 """
 
@@ -90,20 +91,29 @@ def tune(table: CalibrationTable, recipe: str, weights, quantized_executor: Call
     seeds = [seed + 10_000 + i for i in range(len(heldout))]
     conds = [encode([p]) for p in heldout]
     references = [trajectory(fp16_executor, c, seed=s, **run) for c, s in zip(conds, seeds)]
-    rule_errors = {}
+    # Smoothing is kept only where whole trajectories say so: a lower per-layer error does not
+    # always survive the denoising loop (FP8's floating exponent already absorbs most outliers).
+    settings = {"smoothed": alphas, "unsmoothed": {g: None for g in alphas}} if smoothed else {"unsmoothed": alphas}
+    errors: dict[tuple[str, str], tuple[AmaxRule, float]] = {}
     for rule in candidates:
-        executor = quantized_executor({"rule": rule, "alphas": alphas})
-        rule_errors[rule.describe()] = (rule, trajectory_error(executor, references, conds, seeds, **run))
-        log(f"tune {recipe}: amax {rule.describe():<32} trajectory error {rule_errors[rule.describe()][1]:.4e}")
-    best_name = min(rule_errors, key=lambda k: rule_errors[k][1])
-    best_rule, best_error = rule_errors[best_name]
-    max_error = rule_errors[AmaxRule("max").describe()][1] if AmaxRule("max").describe() in rule_errors else None
-    log(f"tune {recipe}: chose amax {best_name} (trajectory error {best_error:.4e}"
-        + (f", {max_error / best_error:.2f}x better than plain max)" if max_error else ")"))
+        for setting, chosen_alphas in settings.items():
+            executor = quantized_executor({"rule": rule, "alphas": chosen_alphas})
+            err = trajectory_error(executor, references, conds, seeds, **run)
+            errors[(rule.describe(), setting)] = (rule, err)
+            log(f"tune {recipe}: amax {rule.describe():<34} {setting:<10} trajectory error {err:.4e}")
+    (best_name, best_setting), (best_rule, best_error) = min(errors.items(), key=lambda kv: kv[1][1])
+    plain = errors.get((AmaxRule("max").describe(), "unsmoothed"))
+    other = "unsmoothed" if best_setting == "smoothed" else "smoothed"
+    vs_setting = errors.get((best_name, other))
+    log(f"tune {recipe}: chose amax {best_name}, {best_setting} (trajectory error {best_error:.4e}"
+        + (f"; plain max calibration {plain[1]:.4e}, {plain[1] / best_error:.2f}x" if plain else "")
+        + (f"; {other} {vs_setting[1]:.4e}" if vs_setting else "") + ")")
+    alphas = settings[best_setting]
     report = {
         "alphas": alpha_report,
-        "rules": {k: v[1] for k, v in rule_errors.items()},
+        "trajectory_errors": {f"{k[0]} | {k[1]}": v[1] for k, v in errors.items()},
         "chosen_rule": best_name,
+        "smoothing": best_setting,
         "trajectory_error": best_error,
         "heldout_prompts": len(heldout),
     }
