@@ -131,3 +131,37 @@ def make_single_file(diffusers_unet_folder, out_file, dtype: torch.dtype | None 
     sgm_state = {names[k]: (v if dtype is None else v.to(dtype)).contiguous() for k, v in state.items()}
     save_file(sgm_state, str(out_file))
     return Path(out_file)
+
+
+def save_outlier_unet(folder, seed: int = 3, outlier_seed: int = 5) -> Path:
+    """The tiny `sdxl_like` UNet with the activation outliers SmoothQuant exists for.
+
+    In every transformer, two random channels of each norm that feeds a quantized linear layer
+    (norm1 -> attn1 q/k/v, norm2 -> attn2 q, norm3 -> ff in, the GroupNorm -> proj_in) get their
+    gain and bias multiplied by 30-100, and the consuming layers' weight columns for those
+    channels divided by the same factor: the function is unchanged in exact arithmetic, but the
+    layers' inputs now have a few channels 30-100x larger than the rest — as trained SDXL has.
+    """
+    model = tiny_unet("sdxl_like", seed)
+    g = torch.Generator().manual_seed(outlier_seed)
+    modules = dict(model.named_modules())
+    consumers = {"norm1": ("attn1.to_q", "attn1.to_k", "attn1.to_v"), "norm2": ("attn2.to_q",),
+                 "norm3": ("ff.net.0.proj",)}
+    with torch.no_grad():
+        for name, norm in modules.items():
+            parent, _, leaf = name.rpartition(".")
+            if ".transformer_blocks." in name and leaf in consumers:
+                layers = [modules[f"{parent}.{c}"] for c in consumers[leaf]]
+            elif leaf == "norm" and f"{parent}.proj_in" in modules:
+                layers = [modules[f"{parent}.proj_in"]]
+            else:
+                continue
+            channels = torch.randperm(norm.weight.numel(), generator=g)[:2]
+            factor = 30 + 70 * torch.rand(2, generator=g)
+            norm.weight[channels] *= factor
+            norm.bias[channels] *= factor
+            for layer in layers:
+                layer.weight[:, channels] /= factor
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    return folder

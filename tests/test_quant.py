@@ -1,0 +1,198 @@
+"""8-bit UNet: calibration, percentile rules, SmoothQuant folding and tuning, Q/DQ placement.
+
+Numbers come from netexec runs of tiny UNets; conditioning is random but fixed per prompt
+(the text encoders are exercised by the build test), so these tests isolate the UNet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import tiny_models
+import numpy as np
+import pytest
+
+from trt_sdxl import weights
+from trt_sdxl.errors import UserError
+from trt_sdxl.executors import NetexecExecutor
+from trt_sdxl.models import unet
+from trt_sdxl.pipeline import Conditioning, time_ids
+from trt_sdxl.quant import calibrate, percentile, recipe, smoothquant, tune
+from trt_sdxl.quant.percentile import AmaxRule
+from trt_sdxl.quant.plan import QuantPlan
+from trt_sdxl.quant.table import CalibrationTable
+
+LATENT = 8
+RUN = dict(scheduler="euler", steps=6, cfg=5.0, latent_shape=(4, LATENT, LATENT))
+
+
+def random_encoder(cfg):
+    """Conditioning drawn from a generator seeded by the prompt's hash: fixed per prompt."""
+
+    def encode(prompts):
+        rng = np.random.default_rng(int(hashlib.sha256(prompts[0].encode()).hexdigest()[:8], 16))
+        return Conditioning(
+            context=rng.standard_normal((2, 77, cfg.cross_attention_dim)).astype(np.float32),
+            text_embeds=rng.standard_normal((2, cfg.text_embeds_dim)).astype(np.float32),
+            time_ids=time_ids(8 * LATENT, 8 * LATENT, 2))
+
+    return encode
+
+
+def define(component, precision="fp16", **kw):
+    return unet.define(component, precision, batch=2, latent_height=LATENT, latent_width=LATENT, **kw)
+
+
+def calibrated(component, prompts=6):
+    cfg = unet.parse_config(component.config)
+    cal = define(component, calibration_taps=True)
+    table = calibrate.run_calibration(NetexecExecutor(cal), random_encoder(cfg), [f"calibration {i}" for i in
+                                      range(prompts)], steps=RUN["steps"], latent_shape=RUN["latent_shape"],
+                                      unet_fingerprint=component.fingerprint(), log=lambda m: None)
+    return table, cfg
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    component = weights.open_component("weights/tiny-sdxl", "unet")
+    table, cfg = calibrated(component, prompts=4)
+    return component, table, cfg
+
+
+def all_groups(component, table, fmt):
+    return {g: 0.5 for g in QuantPlan(fmt, table, component, AmaxRule(), {}).groups()}
+
+
+def rel_l2(out, ref):
+    ref = np.asarray(ref, np.float64)
+    return float(np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref))
+
+
+def one_call(component, cfg, net, seed=0):
+    rng = np.random.default_rng(seed)
+    c = random_encoder(cfg)(["a test prompt"])
+    feeds = {"sample": rng.standard_normal((2, 4, LATENT, LATENT)).astype(np.float32),
+             "timestep": np.array([500.0, 500.0], np.float32), "encoder_hidden_states": c.context,
+             "text_embeds": c.text_embeds, "time_ids": c.time_ids}
+    return NetexecExecutor(net).run(feeds)["noise_pred"]
+
+
+# ---------------------------------------------------------------- percentile rules
+
+
+def test_amax_rules_follow_their_definitions():
+    per_step = np.array([9.0, 4.0, 7.0, 3.0, 5.0])
+    assert percentile.amax_from_steps(per_step, AmaxRule("max")) == 9.0
+    # reference: the leading ceil(p * steps) steps, then their minimum
+    assert percentile.amax_from_steps(per_step, AmaxRule("reference", 1.0)) == 3.0
+    assert percentile.amax_from_steps(per_step, AmaxRule("reference", 0.4)) == 4.0  # steps 0, 1
+    assert percentile.amax_from_steps(per_step, AmaxRule("reference", 0.2)) == 9.0  # step 0 only
+    assert percentile.amax_from_steps(per_step, AmaxRule("quantile", 0.5)) == 5.0
+    prompts_steps = np.array([[1.0, 8.0], [3.0, 2.0]])
+    assert np.array_equal(percentile.combine_prompts(prompts_steps, "mean"), [2.0, 5.0])
+    assert percentile.layer_amax(prompts_steps, AmaxRule("reference", 1.0, "max")) == 3.0
+    with pytest.raises(ValueError):
+        AmaxRule("reference", 0.0)
+
+
+# ---------------------------------------------------------------- SmoothQuant
+
+
+def test_alpha_search_smooths_outlier_channels():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 64))
+    x[:, [3, 40]] *= 60.0  # two outlier channels
+    w = rng.standard_normal((32, 64)) / 8
+    alpha, errors = smoothquant.search_alpha(x, [w], np.abs(x).max(axis=0), "int8")
+    assert alpha is not None and 0.3 <= alpha <= 1.0, errors
+    assert errors[alpha] < errors["none"] / 3, f"smoothing bought only {errors['none'] / errors[alpha]:.2f}x"
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_smoothing_folds_are_exact(tiny, fmt):
+    """SmoothQuant's transforms without quantization leave the network's function unchanged."""
+    component, table, cfg = tiny
+    fp16 = one_call(component, cfg, define(component))
+    smoothed_net = define(component, fmt, calibration=table, quant_options={
+        "rule": AmaxRule(), "alphas": all_groups(component, table, fmt), "qdq": False})
+    err = rel_l2(one_call(component, cfg, smoothed_net), fp16)
+    assert err < 3e-3, f"{fmt}: smoothing changed noise_pred by rel L2 {err:.2e}"
+    plan = smoothed_net.definition.quant
+    assert plan.norm_divisors and plan.row_divisors, "no fold was exercised"
+    if fmt == "fp8":  # proj_out and attn2 k/v have no producer to fold into
+        assert plan.smoothing_muls > 0
+
+
+# ---------------------------------------------------------------- Q/DQ placement
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_qdq_placement_follows_the_recipe(tiny, fmt):
+    component, table, cfg = tiny
+    net = define(component, fmt, calibration=table, quant_options={"rule": AmaxRule(), "alphas": {}})
+    names = [net.network.get_layer(i).name for i in range(net.network.num_layers)]
+    quantized_inputs = {n[: -len(".input.quantize")] for n in names if n.endswith(".input.quantize")}
+    quantized_weights = {n[: -len(".weight.quantize")] for n in names if n.endswith(".weight.quantize")}
+    assert quantized_inputs == quantized_weights
+    expected = {m.name for m in net.macs if m.kind in ("conv", "linear") and recipe.is_quantized(fmt, m.name)}
+    assert quantized_inputs == expected
+    for never in ("conv_in", "conv_out", "time_embedding.linear_1", "add_embedding.linear_2"):
+        assert never not in quantized_inputs
+    assert not any(n.endswith((".conv_shortcut", ".time_emb_proj")) for n in quantized_inputs)
+    bmm_quantized = [m for m in net.macs if m.kind == "bmm" and m.quantized]
+    assert bool(bmm_quantized) == (fmt == "fp8")
+    share = sum(m.macs for m in net.macs if m.quantized) / sum(m.macs for m in net.macs)
+    assert share > (0.85 if fmt == "int8" else 0.95), f"{fmt}: 8-bit share of MACs {share:.3f}"
+    err = rel_l2(one_call(component, cfg, net), one_call(component, cfg, define(component, "fp32")))
+    assert err < 0.2, f"{fmt} one UNet call vs fp32: rel L2 {err:.3f}"
+
+
+def test_same_table_gives_the_same_network(tiny, tmp_path):
+    component, table, cfg = tiny
+    table.set_choices("int8", AmaxRule("reference", 0.7, "mean"), all_groups(component, table, "int8"))
+    path = tmp_path / "unet.calib.npz"
+    table.save(path)
+    outs = [one_call(component, cfg, define(component, "int8", calibration=str(path))) for _ in range(2)]
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_table_from_another_model_or_version_is_refused(tiny, tmp_path):
+    component, table, _ = tiny
+    path = tmp_path / "t.npz"
+    table.save(path)
+    with pytest.raises(UserError, match="made for another UNet checkpoint"):
+        CalibrationTable.load(path, fingerprint="0" * 64)
+    other = CalibrationTable(meta={**table.meta, "format_version": 99})
+    other.save(tmp_path / "v.npz")
+    with pytest.raises(UserError, match="format version 99"):
+        CalibrationTable.load(tmp_path / "v.npz")
+    (tmp_path / "bad.npz").write_bytes(b"not a table")
+    with pytest.raises(UserError, match="bad.npz: not a readable calibration table"):
+        CalibrationTable.load(tmp_path / "bad.npz")
+    with pytest.raises(UserError, match="no tuned parameters for fp8"):
+        CalibrationTable(meta={"tuned": {}}).choices("fp8")
+
+
+# ---------------------------------------------------------------- the outlier model
+
+
+@pytest.mark.slow
+def test_tuned_int8_halves_plain_max_error_on_outlier_model(tmp_path):
+    """SmoothQuant's reason to exist: with activation outlier channels, our tuned INT8 trajectory
+    error (vs FP32) is at most half of plain max-calibrated INT8's."""
+    component = weights.open_component(tiny_models.save_outlier_unet(tmp_path / "unet"), "unet")
+    table, cfg = calibrated(component)
+    encode = random_encoder(cfg)
+
+    def quantized(options):
+        return NetexecExecutor(define(component, "int8", calibration=table, quant_options=options))
+
+    tune.tune(table, "int8", component, quantized, NetexecExecutor(define(component)), encode,
+              ["held aside 1", "held aside 2"], seed=0, log=lambda m: None, **RUN)
+    prompts, seeds = ["test 1", "test 2", "test 3"], [100, 101, 102]
+    conds = [encode([p]) for p in prompts]
+    fp32 = NetexecExecutor(define(component, "fp32"))
+    refs = [tune.trajectory(fp32, c, seed=s, **RUN) for c, s in zip(conds, seeds)]
+    plain = tune.trajectory_error(quantized({"rule": AmaxRule("max"), "alphas": {}}), refs, conds, seeds, **RUN)
+    tuned = tune.trajectory_error(quantized(table.choices("int8")), refs, conds, seeds, **RUN)
+    assert tuned <= 0.5 * plain, f"tuned INT8 {tuned:.4f} vs plain max INT8 {plain:.4f} ({tuned / plain:.2f}x)"
