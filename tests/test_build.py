@@ -180,7 +180,8 @@ def check_failed_cleanly(proc, needle: str, out: Path, before: dict[str, bytes])
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--precision", "int8"], "--precision int8: 8-bit engines are not available yet"),
+    (["--precision", "fp8", "--target", "SM86"], "--precision fp8: SM86 has no FP8 tensor cores"),
+    (["--precision", "int8", "--calibration-steps", "0"], "--calibration-steps 0: expected a positive integer"),
     (["--precision", "fp64"], "--precision fp64: expected one of fp16, int8, fp8"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
     (["--height", "100", "--width", "128"], "--height 100"),
@@ -338,3 +339,82 @@ def test_tiny_default_loads_in_diffusers_offline(monkeypatch):
     with torch.no_grad():
         image = pipe.vae.decode(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))).sample
     assert tuple(image.shape) == (1, 3, 128, 128) and torch.isfinite(image).all()
+
+
+# ---------------------------------------------------------------- 8-bit builds
+
+
+FEW_PROMPTS = ["a red apple on a wooden table", "a blue car in the rain", "a mountain lake at dawn",
+               "a cat asleep on a sofa", "a city street at night", "a bowl of tomato soup",
+               "a forest in autumn", "a lighthouse at sunset"]
+
+
+@pytest.fixture(scope="module")
+def int8_build(tmp_path_factory):
+    """An INT8 build of the tiny default, calibrated on 8 prompts x 3 steps (2 of them held aside)."""
+    root = tmp_path_factory.mktemp("int8")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(FEW_PROMPTS) + "\n")
+    out = root / "engines"
+    proc = run_cli("--out", str(out), "--precision", "int8", "--calibration-prompts", str(prompts),
+                   "--calibration-steps", "3")
+    return out, proc
+
+
+@pytest.mark.slow
+def test_int8_build_calibrates_tunes_and_reports(int8_build):
+    out, proc = int8_build
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["engines"]["unet"]["file"] == f"unet.int8.{TAG}.sm89.plan"
+    assert (out / f"unet.int8.{TAG}.sm89.plan").stat().st_size > 100_000
+    assert (out / "calibration.npz").exists()
+    report = json.loads((out / "build_report.json").read_text())["unet"]
+    assert report["macs_8bit"] / report["macs_total"] > 0.8
+    assert report["layers_quantized"] > 50
+    q = report["quantization"]
+    assert q["recipe"] == "int8" and q["calibration"]["prompts"] == 6 and q["calibration"]["steps"] == 3
+    assert q["amax_rule"]["method"] in ("max", "reference", "quantile") and q["smoothing"] in ("smoothed", "unsmoothed")
+    for stage in ("calibration: 6 prompts x 3 steps", "calibration: prompt 6/6", "tune int8: chose amax"):
+        assert stage in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_fp8_build_reuses_the_calibration_table(int8_build, tmp_path):
+    out, proc = int8_build
+    assert proc.returncode == 0, proc.stderr
+    fp8 = tmp_path / "fp8"
+    proc = run_cli("--out", str(fp8), "--precision", "fp8", "--components", "unet", "--calibration",
+                   str(out / "calibration.npz"))
+    assert proc.returncode == 0, proc.stderr
+    assert "calibration: 6 prompts" not in proc.stderr  # no new calibration run, only fp8 tuning
+    assert "tune fp8: chose amax" in proc.stderr
+    report = json.loads((fp8 / "build_report.json").read_text())["unet"]
+    assert report["macs_8bit"] / report["macs_total"] > 0.95
+    assert (fp8 / f"unet.fp8.{TAG}.sm89.plan").exists()
+    # the fp8 table now holds both recipes' choices: a second fp8 build tunes nothing
+    again = run_cli("--out", str(tmp_path / "fp8b"), "--precision", "fp8", "--components", "unet",
+                    "--calibration", str(fp8 / "calibration.npz"), "--target", "SM120")
+    assert again.returncode == 0, again.stderr
+    assert "tune fp8" not in again.stderr and (tmp_path / "fp8b" / f"unet.fp8.{TAG}.sm120.plan").exists()
+
+
+def test_calibration_table_of_another_model_is_one_clear_line(int8_build, tmp_path):
+    out, proc = int8_build
+    assert proc.returncode == 0, proc.stderr
+    other = tmp_path / "other"
+    shutil.copytree(REPO / "weights" / "tiny-sdxl", other)
+    cfg = json.loads((other / "unet" / "config.json").read_text())
+    cfg["_trt_sdxl_test"] = "another model"  # a different config is a different checkpoint
+    (other / "unet" / "config.json").write_text(json.dumps(cfg))
+    proc = run_cli("--out", str(tmp_path / "o"), "--model", str(other), "--precision", "int8", "--calibration",
+                   str(out / "calibration.npz"))
+    assert "made for another UNet checkpoint" in one_error_line(proc)
+
+
+def test_too_few_calibration_prompts_is_one_clear_line(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one prompt\ntwo prompts\n")
+    proc = run_cli("--out", str(tmp_path / "o"), "--precision", "int8", "--calibration-prompts", str(prompts))
+    assert "2 prompts; calibration needs at least 8" in one_error_line(proc)
+    assert not (tmp_path / "o").exists()

@@ -35,6 +35,7 @@ DEFAULT_OUT = Path("engines")
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")  # in the order the pipeline runs them
 ENCODERS = {"text_encoder": 1, "text_encoder_2": 2}
 PRECISIONS = ("fp16", "int8", "fp8")  # the UNet's
+FP8_MIN_SM = 89
 TEXT_PRECISION = "fp16"
 BF16_MIN_SM = 80  # bfloat16 arithmetic starts with Ampere (SM 8.0)
 
@@ -115,16 +116,17 @@ def check_precisions(precision: str, vae_precision: str) -> None:
 
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
-    if precision != "fp16":
-        raise UserError(f"--precision {precision}: 8-bit engines are not available yet in this version; "
-                        "use --precision fp16")
     if vae_precision not in vae.PRECISIONS:
         raise UserError(f"--vae-precision {vae_precision}: expected one of {', '.join(vae.PRECISIONS)} "
                         "(the VAE is not quantized)")
 
 
-def check_target_takes(target: str, vae_precision: str) -> None:
-    """bfloat16 engines need an SM 8.0+ target (the builder's own error for SM75 is a compiler message)."""
+def check_target_takes(target: str, vae_precision: str, precision: str = "fp16") -> None:
+    """bfloat16 engines need an SM 8.0+ target (the builder's own error for SM75 is a compiler message);
+    FP8 needs SM 8.9+ (Ada, Hopper, Blackwell tensor cores)."""
+    if precision == "fp8" and target.startswith("SM") and int(target[2:]) < FP8_MIN_SM:
+        raise UserError(f"--precision fp8: {target} has no FP8 tensor cores (they need SM{FP8_MIN_SM} or newer); "
+                        "use --precision int8 for this GPU")
     if vae_precision == "bf16" and target.startswith("SM") and int(target[2:]) < BF16_MIN_SM:
         raise UserError(f"--vae-precision bf16: {target} has no bfloat16 (it needs SM{BF16_MIN_SM} or newer); "
                         "use --vae-precision fp32")
@@ -265,17 +267,31 @@ def tensor_specs(network, which: str) -> list[dict]:
 
 def report_entry(definition, seconds: float) -> dict:
     macs = definition.macs
-    return {
+    plan = definition.quant
+    entry = {
         "macs_total": int(sum(m.macs for m in macs)),
         "macs_8bit": int(sum(m.macs for m in macs if m.quantized)),
         "layers": int(definition.network.num_layers),
         "layers_quantized": int(sum(1 for m in macs if m.quantized)),
-        "smoothing_muls": 0,
+        "smoothing_muls": int(plan.smoothing_muls) if plan is not None else 0,
         "build_seconds": round(seconds, 2),
     }
+    if plan is not None:
+        tuned = plan.table.meta["tuned"][plan.recipe]
+        entry["quantization"] = {
+            "recipe": plan.recipe,
+            "amax_rule": plan.rule.to_json(),
+            "smoothing": tuned["report"].get("smoothing"),
+            "smoothed_groups": sum(a is not None for a in plan.alphas.values()),
+            "alphas": plan.alphas,
+            "tuning_trajectory_error": tuned["report"].get("trajectory_error"),
+            "calibration": {k: plan.table.meta[k] for k in ("scheduler", "steps", "cfg", "prompts", "seed")},
+        }
+    return entry
 
 
-def define_component(component: str, checkpoint, precision: str, batch: int, latent_h: int, latent_w: int):
+def define_component(component: str, checkpoint, precision: str, batch: int, latent_h: int, latent_w: int,
+                     calibration=None):
     """The network of `component`; `batch` is the engine's own batch dimension. Warnings the model
     code raises (e.g. fp16 for a VAE known to overflow) are logged as one line each."""
     from .models import clip, unet, vae
@@ -284,7 +300,8 @@ def define_component(component: str, checkpoint, precision: str, batch: int, lat
         warnings.simplefilter("always")
         if component == "unet":
             net = unet.define(checkpoint, precision=precision, batch=batch, latent_height=latent_h,
-                              latent_width=latent_w, progress=lambda message: log(f"{component}: {message}"))
+                              latent_width=latent_w, progress=lambda message: log(f"{component}: {message}"),
+                              calibration=calibration)
         elif component in ENCODERS:
             net = clip.define(checkpoint, encoder=ENCODERS[component], batch=batch, precision=precision)
         else:
@@ -367,7 +384,8 @@ def warn_mixed_builds(manifest: dict, built, batch: int, target: str) -> None:
 
 def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int | None = None,
           width: int | None = None, target: str | None = None, components=COMPONENTS,
-          vae_precision: str = "fp32") -> dict:
+          vae_precision: str = "fp32", calibration: str | None = None, calibration_prompts: str | None = None,
+          calibration_steps: int = 20) -> dict:
     """Build the engines of `components`; returns the manifest written to `out/manifest.json`."""
     components = parse_components(components)
     check_precisions(precision, vae_precision)
@@ -375,8 +393,8 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
         raise UserError(f"--batch {batch}: expected a positive integer")
     be = backend.get()
     target = choose_target(target)
-    if "vae" in components:
-        check_target_takes(target, vae_precision)
+    check_target_takes(target, vae_precision if "vae" in components else "fp32",
+                       precision if "unet" in components else "fp16")
     log(f"model {model}; {be.name} {be.version}; target {target}; components {', '.join(components)}; "
         f"precision: unet {precision}, vae {vae_precision}, text encoders {TEXT_PRECISION}; "
         f"batch {batch} (unet {2 * batch}: uncond + cond)")
@@ -388,11 +406,20 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
         raise UserError(f"--height {height} --width {width}: image sides must be positive multiples of 8")
     if height:
         log(f"image {width}x{height} (latent {width // 8}x{height // 8})")
+    table = None
+    if "unet" in jobs and precision in ("int8", "fp8"):
+        from .quant.workflow import calibrate_and_tune
+
+        if calibration_steps < 1:
+            raise UserError(f"--calibration-steps {calibration_steps}: expected a positive integer")
+        table = calibrate_and_tune(model, jobs["unet"].checkpoint, precision, height=height, width=width,
+                                   table_path=Path(out) / "calibration.npz", calibration=calibration,
+                                   prompts_file=calibration_prompts, steps=calibration_steps)
     for job in jobs.values():
         start = time.perf_counter()
         log(f"{job.component}: defining the network (batch {job.batch}, {job.precision})")
         job.network = define_component(job.component, job.checkpoint, job.precision, job.batch,
-                                       height // 8, width // 8)
+                                       height // 8, width // 8, calibration=table)
         log(f"{job.component}: {job.network.network.num_layers} layers defined ({time.perf_counter() - start:.1f} s)")
 
     out = Path(out)
@@ -434,8 +461,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: ./engines)")
     p.add_argument("--components", default=",".join(COMPONENTS), metavar="LIST",
                    help=f"comma-separated engines to build (default: all four, {','.join(COMPONENTS)})")
-    p.add_argument("--precision", default="fp16", help="the UNet's precision: fp16 (int8 and fp8 come later); "
-                                                       "the text encoders are fp16")
+    p.add_argument("--precision", default="fp16",
+                   help="the UNet's precision: fp16, int8 or fp8 (8-bit: SmoothQuant + percentile quant, calibrated "
+                        "and tuned on this model; fp8 needs SM89+); the text encoders are fp16")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="reuse a calibration table (OUT/calibration.npz of an earlier 8-bit build of this model)")
+    p.add_argument("--calibration-prompts", default=None, metavar="FILE",
+                   help="calibration prompts, one per line (default: the 72 built-in prompts)")
+    p.add_argument("--calibration-steps", type=int, default=20, metavar="N",
+                   help="denoising steps per calibration prompt (default 20)")
     p.add_argument("--vae-precision", default="fp32",
                    help="fp32 (default: SDXL's VAE overflows in fp16), bf16, or fp16 for fp16-fix weights")
     p.add_argument("--batch", type=int, default=1, metavar="N",
@@ -453,7 +487,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         build(args.model, Path(args.out), precision=args.precision, batch=args.batch, height=args.height,
-              width=args.width, target=args.target, components=args.components, vae_precision=args.vae_precision)
+              width=args.width, target=args.target, components=args.components, vae_precision=args.vae_precision,
+              calibration=args.calibration, calibration_prompts=args.calibration_prompts,
+              calibration_steps=args.calibration_steps)
     except UserError as e:
         print(f"trt_sdxl.build: error: {e}", file=sys.stderr)
         return 2

@@ -30,7 +30,6 @@ RULE_CANDIDATES = (
     AmaxRule("reference", 0.7, "mean"),
     AmaxRule("reference", 0.4, "mean"),
     AmaxRule("reference", 1.0, "max"),
-    AmaxRule("quantile", 0.5, "mean"),
     AmaxRule("quantile", 0.75, "mean"),
     AmaxRule("quantile", 0.9, "max"),
 )
@@ -93,21 +92,26 @@ def tune(table: CalibrationTable, recipe: str, weights, quantized_executor: Call
     references = [trajectory(fp16_executor, c, seed=s, **run) for c, s in zip(conds, seeds)]
     # Smoothing is kept only where whole trajectories say so: a lower per-layer error does not
     # always survive the denoising loop (FP8's floating exponent already absorbs most outliers).
+    # Stage A decides smoothing under plain max calibration, stage B the amax rule under that choice.
     settings = {"smoothed": alphas, "unsmoothed": {g: None for g in alphas}} if smoothed else {"unsmoothed": alphas}
     errors: dict[tuple[str, str], tuple[AmaxRule, float]] = {}
+
+    def evaluate(rule: AmaxRule, setting: str) -> float:
+        key = (rule.describe(), setting)
+        if key not in errors:
+            executor = quantized_executor({"rule": rule, "alphas": settings[setting]})
+            errors[key] = (rule, trajectory_error(executor, references, conds, seeds, **run))
+            log(f"tune {recipe}: amax {rule.describe():<34} {setting:<10} trajectory error {errors[key][1]:.4e}")
+        return errors[key][1]
+
+    best_setting = min(settings, key=lambda setting: evaluate(AmaxRule("max"), setting))
     for rule in candidates:
-        for setting, chosen_alphas in settings.items():
-            executor = quantized_executor({"rule": rule, "alphas": chosen_alphas})
-            err = trajectory_error(executor, references, conds, seeds, **run)
-            errors[(rule.describe(), setting)] = (rule, err)
-            log(f"tune {recipe}: amax {rule.describe():<34} {setting:<10} trajectory error {err:.4e}")
-    (best_name, best_setting), (best_rule, best_error) = min(errors.items(), key=lambda kv: kv[1][1])
-    plain = errors.get((AmaxRule("max").describe(), "unsmoothed"))
-    other = "unsmoothed" if best_setting == "smoothed" else "smoothed"
-    vs_setting = errors.get((best_name, other))
-    log(f"tune {recipe}: chose amax {best_name}, {best_setting} (trajectory error {best_error:.4e}"
-        + (f"; plain max calibration {plain[1]:.4e}, {plain[1] / best_error:.2f}x" if plain else "")
-        + (f"; {other} {vs_setting[1]:.4e}" if vs_setting else "") + ")")
+        evaluate(rule, best_setting)
+    (best_name, _), (best_rule, best_error) = min(((k, v) for k, v in errors.items() if k[1] == best_setting),
+                                                  key=lambda kv: kv[1][1])
+    plain = errors[(AmaxRule("max").describe(), "unsmoothed")]
+    log(f"tune {recipe}: chose amax {best_name}, {best_setting} (trajectory error {best_error:.4e}; "
+        f"plain max calibration without smoothing {plain[1]:.4e}, {plain[1] / best_error:.2f}x)")
     alphas = settings[best_setting]
     report = {
         "alphas": alpha_report,
