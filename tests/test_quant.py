@@ -196,3 +196,15 @@ def test_tuned_int8_halves_plain_max_error_on_outlier_model(tmp_path):
     plain = tune.trajectory_error(quantized({"rule": AmaxRule("max"), "alphas": {}}), refs, conds, seeds, **RUN)
     tuned = tune.trajectory_error(quantized(table.choices("int8")), refs, conds, seeds, **RUN)
     assert tuned <= 0.5 * plain, f"tuned INT8 {tuned:.4f} vs plain max INT8 {plain:.4f} ({tuned / plain:.2f}x)"
+
+
+@pytest.mark.parametrize("fmt,target", [("int8", "SM86"), ("int8", "SM89"), ("fp8", "SM89"), ("fp8", "SM120")])
+def test_quantized_unet_aot_build(tiny, fmt, target):
+    """A real TensorRT builder accepts every Q/DQ placement (and FP8 attention) of both recipes."""
+    from trt_sdxl.build import build_engine
+
+    component, table, _ = tiny
+    net = define(component, fmt, calibration=table, quant_options={
+        "rule": AmaxRule("reference", 1.0, "mean"), "alphas": all_groups(component, table, fmt)})
+    engine, _ = build_engine(net.definition, target)
+    assert engine.nbytes > 100_000, f"{fmt} {target}: engine of {engine.nbytes} bytes"
