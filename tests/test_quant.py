@@ -126,6 +126,14 @@ def test_smoothing_folds_are_exact(tiny, fmt):
 # ---------------------------------------------------------------- Q/DQ placement
 
 
+def test_nvidia_level_2_5_leaves_out_attention_out_and_projections(tiny):
+    component, table, _ = tiny
+    net = define(component, "int8_nvidia_2.5", calibration=table, quant_options={"rule": AmaxRule(), "alphas": {}})
+    quantized = {m.name for m in net.macs if m.quantized}
+    assert any(n.endswith(".attn1.to_q") for n in quantized) and any(n.endswith(".ff.net.2") for n in quantized)
+    assert not any(n.endswith((".to_out.0", ".proj_in", ".proj_out", ".conv_shortcut")) for n in quantized)
+
+
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_qdq_placement_follows_the_recipe(tiny, fmt):
     component, table, cfg = tiny
@@ -138,7 +146,9 @@ def test_qdq_placement_follows_the_recipe(tiny, fmt):
     assert quantized_inputs == expected
     for never in ("conv_in", "conv_out", "time_embedding.linear_1", "add_embedding.linear_2"):
         assert never not in quantized_inputs
-    assert not any(n.endswith((".conv_shortcut", ".time_emb_proj")) for n in quantized_inputs)
+    assert not any(n.endswith(".time_emb_proj") for n in quantized_inputs)
+    assert any(n.endswith(".conv_shortcut") for n in quantized_inputs)
+    assert any(n.endswith(".attn1.to_out.0") for n in quantized_inputs)
     bmm_quantized = [m for m in net.macs if m.kind == "bmm" and m.quantized]
     assert bool(bmm_quantized) == (fmt == "fp8")
     share = sum(m.macs for m in net.macs if m.quantized) / sum(m.macs for m in net.macs)

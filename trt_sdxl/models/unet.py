@@ -270,7 +270,9 @@ def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 
     from ..quant.plan import CalibrationTaps, QuantPlan
     from ..quant.table import CalibrationTable
 
-    if precision not in ("fp32", "fp16", "int8", "fp8"):
+    from ..quant.recipe import RECIPES
+
+    if precision not in ("fp32", "fp16") and precision not in RECIPES:
         raise UserError(f"--precision {precision}: expected one of fp16, int8, fp8 (or fp32)")
     component = W.open_component(model, "unet")
     W.check_unet_config(component)
@@ -281,7 +283,7 @@ def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 
             f"batch {batch}, latent {latent_height}x{latent_width}: expected batch >= 1 and latent sides that are "
             f"positive multiples of {factor} (image sides multiples of {8 * factor})"
         )
-    eight_bit = precision in ("int8", "fp8")
+    eight_bit = precision in RECIPES  # a recipe name: int8, fp8 (or a named level like int8_nvidia_2.5)
     d = L.new_definition(component, "fp16" if eight_bit else precision)
     if eight_bit:
         if calibration is None:
