@@ -1,0 +1,170 @@
+"""The UNet loop on the GPU: one denoising step captured as a CUDA graph and replayed per step.
+
+A step is: timestep (pinned host -> device copy), scale_cast (latents -> both CFG halves of the
+UNet input), the UNet engine, cfg_combine, gaussian_noise (stochastic schedulers), scheduler_step.
+What changes from step to step is the timestep, which the captured copy re-reads from pinned host
+memory at every replay, and the scalars of three kernels (input scale, noise stream, step
+coefficients), which are set on the graph's kernel nodes before each replay
+(cuGraphExecKernelNodeSetParams). The plan is `pipeline.denoising_steps`, the one the CPU loop runs
+with the kernels' numpy twins. Where TensorRT says an engine cannot be captured, the same step is
+enqueued without a graph.
+
+The UNet engine's batch may be the whole CFG batch 2B or a divisor of it (an engine built for batch
+1 runs twice per step: uncond, then cond); each slice has its own I/O buffers, since TensorRT wants
+tensor addresses aligned beyond what row offsets give.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+
+from .. import kernels
+from ..errors import UserError
+from ..pipeline import Conditioning, DenoisingStep, denoising_steps
+from .cuda import CudaError, DeviceBuffer, Event, Graph, HostBuffer, KernelLibrary, Stream
+from .engine import Engine, nbytes
+
+CONDITIONING = {"encoder_hidden_states": "context", "text_embeds": "text_embeds", "time_ids": "time_ids"}
+
+
+class GraphDenoiser:
+    """Denoises on the GPU with a UNet engine; `denoise(...)` returns the final latents (numpy)."""
+
+    def __init__(self, unet: Engine, library: KernelLibrary, stream: Stream, use_graph: bool = True):
+        self.unet, self.library, self.stream = unet, library, stream
+        self.use_graph = use_graph and unet.capturable(stream)
+        self.sample_spec = unet.inputs["sample"]
+        self.suffix = kernels.dtype_suffix(self.sample_spec[1])
+        if kernels.dtype_suffix(unet.outputs["noise_pred"][1]) != self.suffix:
+            raise UserError(f"{unet.name}: sample and noise_pred have different data types; rebuild the engine")
+
+    def denoise(self, cond: Conditioning, scheduler, cfg: float, seed: int,
+                on_step: Callable[[int, float], None] | None = None) -> np.ndarray:
+        """Run every step of `scheduler`; `on_step(step_index, milliseconds)` after each one."""
+        rows = cond.context.shape[0]  # 2B
+        per_engine = self.sample_spec[0][0]
+        if rows % per_engine:
+            raise UserError(f"{self.unet.name} takes batch {per_engine}, which does not divide the CFG batch {rows} "
+                            f"(2 x --batch): rebuild the UNet for batch {rows} or a divisor of it")
+        latent_shape = (rows // 2, *self.sample_spec[0][1:])
+        n = int(np.prod(latent_shape))
+        self.seed, self.cfg, self.n = seed, cfg, n
+        plan = denoising_steps(scheduler)
+        self.noisy = any(step.adds_noise for step in plan)
+        self.buffers: list[DeviceBuffer | HostBuffer] = []
+        start, end = Event(), Event()
+        graph = None
+        try:
+            self.x, self.prev, self.eps = (self._alloc(4 * n) for _ in range(3))
+            self.noise = self._alloc(4 * n) if self.noisy else None
+            self.sample = self._alloc(rows // per_engine * nbytes(self.sample_spec))
+            self.noise_pred = self._alloc(rows // per_engine * nbytes(self.unet.outputs["noise_pred"]))
+            self.timestep = HostBuffer(*self.unet.inputs["timestep"])
+            self.buffers.append(self.timestep)
+            self.slices = [self._slice(cond, k * per_engine, per_engine, rows // per_engine)
+                           for k in range(rows // per_engine)]
+            self.library.launch("gaussian_noise_f32", n, self.stream, self.x, seed, 0, scheduler.init_noise_sigma, n)
+            for s in self.slices:  # TensorRT wants one enqueue before a capture (lazy allocations, JIT)
+                self._enqueue_unet(s)
+            self.stream.synchronize()
+            graph, nodes = self._capture(plan[0]) if self.use_graph else (None, {})
+            for step in plan:
+                self.timestep.array[...] = step.timestep  # the previous replay has finished reading it
+                start.record(self.stream)
+                if graph is not None:
+                    for key, node in nodes.items():
+                        graph.set_kernel_arguments(node, *self._launch_args(key, step))
+                    graph.launch(self.stream)
+                else:
+                    self._enqueue_step(step)
+                end.record(self.stream)
+                end.synchronize()
+                if on_step is not None:
+                    on_step(step.index, Event.elapsed_ms(start, end))
+            latents = np.empty(latent_shape, np.float32)
+            self.x.download(latents, self.stream)
+            self.stream.synchronize()
+            return latents
+        finally:
+            if graph is not None:
+                graph.destroy()
+            start.destroy()
+            end.destroy()
+            for buffer in self.buffers:
+                buffer.free()
+
+    # ------------------------------------------------------------ one step
+
+    def _alloc(self, size: int) -> DeviceBuffer:
+        buffer = DeviceBuffer(size)
+        self.buffers.append(buffer)
+        return buffer
+
+    def _slice(self, cond: Conditioning, first: int, count: int, slices: int) -> dict:
+        """The UNet I/O buffers of CFG rows first..first+count-1, conditioning uploaded once."""
+        io = {"timestep": self._alloc(self.timestep.nbytes)}
+        if slices == 1:  # the engine takes the whole CFG batch: it reads and writes the shared buffers
+            io["sample"], io["noise_pred"] = self.sample, self.noise_pred
+        else:
+            io["sample"] = self._alloc(nbytes(self.sample_spec))
+            io["noise_pred"] = self._alloc(nbytes(self.unet.outputs["noise_pred"]))
+        for name, field in CONDITIONING.items():
+            shape, dtype = self.unet.inputs[name]
+            host = np.ascontiguousarray(getattr(cond, field)[first:first + count].astype(dtype))
+            if host.shape != shape:
+                raise UserError(f"{self.unet.name}: {name} is {host.shape}, the engine takes {shape}")
+            io[name] = self._alloc(host.nbytes)
+            io[name].upload(host, self.stream)
+        return io
+
+    def _enqueue_unet(self, io: dict) -> None:
+        for name in ("sample", "timestep", *CONDITIONING, "noise_pred"):
+            self.unet.set_address(name, io[name])
+        self.unet.enqueue(self.stream)
+
+    def _launch_args(self, key: str, step: DenoisingStep) -> tuple:
+        """(kernel, elements, arguments) of the step-dependent kernels."""
+        n = self.n
+        if key == "scale":
+            return self.library[f"scale_cast_{self.suffix}"], n, self.sample, self.x, step.input_scale, n, 2
+        if key == "noise":
+            return self.library["gaussian_noise_f32"], n, self.noise, self.seed, step.index + 1, 1.0, n
+        c = step.coefficients
+        return (self.library["scheduler_step_f32"], n, self.x, self.prev, self.eps, self.noise or 0,
+                c.a, c.b, c.c, c.d, c.e, c.f, n)
+
+    def _launch(self, key: str, step: DenoisingStep, nodes: dict | None) -> None:
+        kernel, n, *args = self._launch_args(key, step)
+        self.library.launch(kernel.entry.name, n, self.stream, *args)
+        if nodes is not None:
+            nodes[key] = self.stream.captured_node()
+
+    def _enqueue_step(self, step: DenoisingStep, nodes: dict | None = None) -> None:
+        """Enqueue one step; with `nodes`, record the step-dependent kernel nodes (during capture)."""
+        sample_bytes, pred_bytes = nbytes(self.sample_spec), nbytes(self.unet.outputs["noise_pred"])
+        self._launch("scale", step, nodes)
+        for k, io in enumerate(self.slices):
+            io["timestep"].upload(self.timestep, self.stream)
+            if len(self.slices) > 1:
+                io["sample"].copy_from(self.sample, sample_bytes, self.stream, src_offset=k * sample_bytes)
+            self._enqueue_unet(io)
+            if len(self.slices) > 1:
+                self.noise_pred.copy_from(io["noise_pred"], pred_bytes, self.stream, dst_offset=k * pred_bytes)
+        self.library.launch(f"cfg_combine_{self.suffix}", self.n, self.stream, self.eps, self.noise_pred, self.cfg,
+                            self.n)
+        if self.noisy:
+            self._launch("noise", step, nodes)
+        self._launch("step", step, nodes)
+
+    def _capture(self, step: DenoisingStep) -> tuple[Graph | None, dict]:
+        nodes: dict = {}
+        try:
+            with self.stream.capture() as captured:
+                self._enqueue_step(step, nodes)
+        except CudaError as e:
+            warnings.warn(f"CUDA graph capture of the denoising step failed ({e}); running the steps without a graph")
+            return None, {}
+        return captured.graph, nodes

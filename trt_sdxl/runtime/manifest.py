@@ -1,0 +1,126 @@
+"""What an engines folder holds (`manifest.json`, written by `python -m trt_sdxl.build`) and whether
+its engines can run here: checks that need no GPU, so a mismatch is one clear line before any load.
+
+Manifest layout (see trt_sdxl/build.py): top-level `backend`, `backend_version`, and `engines`
+mapping a component (`text_encoder`, `text_encoder_2`, `unet`, `vae`) to its `file`, `precision`,
+`backend`, `backend_version`, `target` ("SM89", or "native" for the GPU it was built on), `batch`
+(images per prompt; the UNet's engine takes `cfg_batch` = 2 x batch), `image_height`/`image_width`
+(UNet, VAE), `tokenizer` (text encoders: the tokenizer folder, or null), `inputs`/`outputs`
+([{name, shape, dtype}]), `checkpoint` and `checkpoint_fingerprint`.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from ..errors import UserError
+
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
+BUILD = "python -m trt_sdxl.build"
+
+
+def model_folder(entry: dict) -> Path:
+    """The checkpoint an engine was built from, as `--model` takes it: the pipeline folder when the
+    manifest names one of its component folders (`.../unet`), else the file or folder itself."""
+    path = Path(entry.get("checkpoint", ""))
+    if path.name in COMPONENTS and (path.parent / "model_index.json").is_file():
+        return path.parent
+    return path
+
+
+class EnginesFolder:
+    """An engines folder and its manifest; `entry(component)` is a component's manifest entry with
+    `path` (the engine file) added. Every failure names the file and prints the rebuild command."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.manifest: dict = {}
+        if not self.folder.is_dir():
+            raise UserError(f"engines folder {self.folder} not found: build the engines first with "
+                            f"`{self.rebuild_command()}` (add --model PATH for your checkpoint), or pass --engines DIR")
+        path = self.folder / "manifest.json"
+        try:
+            manifest = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{path} not found: {self.folder} is not an engines folder written by {BUILD}; "
+                            f"build with `{self.rebuild_command()}`") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: unreadable ({e}); rebuild with `{self.rebuild_command()}`") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("engines"), dict):
+            raise UserError(f"{path}: no `engines` table; rebuild with `{self.rebuild_command()}`")
+        self.manifest = manifest
+
+    @property
+    def engines(self) -> dict:
+        return self.manifest.get("engines", {})
+
+    def rebuild_command(self, **overrides) -> str:
+        """The build command recreating this folder as its manifest describes it; `overrides` replace
+        flags (`height=768`)."""
+        unet, vae = self.engines.get("unet", {}), self.engines.get("vae", {})
+        first = next(iter(self.engines.values()), {})
+        flags = {"model": str(model_folder(first)) if first.get("checkpoint") else None, "out": str(self.folder),
+                 "precision": unet.get("precision"), "vae_precision": vae.get("precision"),
+                 "batch": first.get("batch"), "height": (unet or vae).get("image_height"),
+                 "width": (unet or vae).get("image_width"), **overrides}
+        parts = [BUILD]
+        for name, value in flags.items():
+            if value is not None:
+                parts += [f"--{name.replace('_', '-')}", shlex.quote(str(value))]
+        return " ".join(parts)
+
+    def entry(self, component: str) -> dict:
+        """The manifest entry of `component`; its engine file must exist."""
+        if component not in self.engines:
+            listed = ", ".join(self.engines) or "none"
+            raise UserError(f"{self.folder / 'manifest.json'} has no {component} engine (it lists: {listed}); "
+                            f"build all components with `{self.rebuild_command()}`")
+        entry = dict(self.engines[component])
+        entry["path"] = self.folder / entry.get("file", "")
+        if not entry.get("file") or not entry["path"].is_file():
+            raise UserError(f"{entry['path']}: the {component} engine listed in the manifest is missing; "
+                            f"rebuild with `{self.rebuild_command()}`")
+        return entry
+
+    def check_backend(self, entry: dict, name: str, version: str) -> None:
+        """An engine deserializes only in the TensorRT flavour and version that built it."""
+        built = (entry.get("backend"), entry.get("backend_version"))
+        if built != (name, version):
+            raise UserError(f"{entry['path']} was built with {built[0]} {built[1]}, but {name} {version} is "
+                            f"installed (an engine runs only on the TensorRT that built it): rebuild with "
+                            f"`{self.rebuild_command()}`")
+
+    def check_target(self, entry: dict, compute_capability: tuple[int, int], gpu_name: str) -> None:
+        """An engine built ahead of time for SMxy runs only on a GPU of compute capability x.y ("native"
+        engines say nothing here: TensorRT itself rejects them on another GPU)."""
+        target = str(entry.get("target", "native")).upper()
+        present = f"SM{compute_capability[0]}{compute_capability[1]}"
+        if target.startswith("SM") and target != present:
+            raise UserError(f"{entry['path']} was built for {target}, but this GPU ({gpu_name}) is {present}: "
+                            f"rebuild on this machine with `{self.rebuild_command()}`")
+
+    def check_resolution(self, unet: dict, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width) in pixels: the UNet engine's (fixed) size; a different request is a UserError."""
+        _, _, h, w = input_shape(unet, "sample")
+        built = (8 * h, 8 * w)
+        asked = (height or built[0], width or built[1])
+        if asked != built:
+            raise UserError(f"--height {asked[0]} --width {asked[1]}: the UNet engine {unet['path']} was built for "
+                            f"height {built[0]}, width {built[1]} (engine shapes are fixed): use --height {built[0]} "
+                            f"--width {built[1]}, or build for that size with "
+                            f"`{self.rebuild_command(height=asked[0], width=asked[1])}`")
+        return built
+
+    def tokenizer_folders(self) -> tuple[Path, Path] | None:
+        """The tokenizer folders the text encoders were built with, if the manifest records both."""
+        folders = [self.engines.get(c, {}).get("tokenizer") for c in ("text_encoder", "text_encoder_2")]
+        return (Path(folders[0]), Path(folders[1])) if all(folders) else None
+
+
+def input_shape(entry: dict, name: str) -> tuple[int, ...]:
+    for spec in entry.get("inputs", []):
+        if spec.get("name") == name:
+            return tuple(int(d) for d in spec["shape"])
+    raise UserError(f"{entry['path']}: the manifest lists no input {name!r} for this engine; rebuild it")
