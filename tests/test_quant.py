@@ -218,3 +218,16 @@ def test_quantized_unet_aot_build(tiny, fmt, target):
         "rule": AmaxRule("reference", 1.0, "mean"), "alphas": all_groups(component, table, fmt)})
     engine, _ = build_engine(net.definition, target)
     assert engine.nbytes > 100_000, f"{fmt} {target}: engine of {engine.nbytes} bytes"
+
+
+def test_full_size_calibration_without_a_gpu_is_refused_with_the_way_out():
+    from types import SimpleNamespace
+
+    from trt_sdxl.quant import workflow
+    from trt_sdxl.runtime import cuda
+
+    if cuda.probe()[0] > 0:
+        pytest.skip("a GPU is present: calibration would run on it")
+    full_size = SimpleNamespace(weight_bytes=5 * 2**30)
+    with pytest.raises(UserError, match=r"5\.0 GiB UNet needs a GPU.*--calibration FILE"):
+        workflow.default_factory("model", full_size, "int8", 1, 128, 128)

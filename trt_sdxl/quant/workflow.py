@@ -1,8 +1,9 @@
 """calibrate -> tune -> CalibrationTable: the quantization workflow `python -m trt_sdxl.build` runs.
 
-Executors come from `executor_factory`: netexec on the CPU (the only choice without a GPU:
-fine for tiny models, hours for a full-size one, so a full-size model on the CPU is refused
-with a pointer to `--calibration FILE`), or the TensorRT runtime on a GPU.
+Executors come from a factory: TensorRT engines built for and run on the GPU present (the
+runtime's EngineExecutor), else netexec on the CPU — fine for tiny models, hours for a
+full-size one, so a full-size model without a GPU is refused with a pointer to
+`--calibration FILE`.
 """
 
 from __future__ import annotations
@@ -30,20 +31,56 @@ def log(message: str) -> None:
     print(f"[trt_sdxl.build] {message}", file=sys.stderr, flush=True)
 
 
-def netexec_factory(model, batch: int, latent_h: int, latent_w: int):
-    """Executors for the four networks, run by netexec (CPU)."""
-    from ..executors import NetexecExecutor
+def _factory(model, batch: int, latent_h: int, latent_w: int, run):
+    """make(kind, **define_options) -> executor of that network, where `run(defined, name)` makes
+    the executor: the calibration network, the FP16 UNet, each tuning candidate, the text encoders."""
     from ..models import clip, unet
 
     def make(kind: str, **options):
         if kind == "unet":
-            return NetexecExecutor(unet.define(model, batch=2 * batch, latent_height=latent_h,
-                                               latent_width=latent_w, **options))
+            return run(unet.define(model, batch=2 * batch, latent_height=latent_h, latent_width=latent_w,
+                                   **options), kind)
         if kind.startswith("text_encoder"):
-            return NetexecExecutor(clip.define(model, encoder=2 if kind.endswith("_2") else 1, batch=batch))
+            return run(clip.define(model, encoder=2 if kind.endswith("_2") else 1, batch=batch), kind)
         raise ValueError(kind)
 
     return make
+
+
+def netexec_factory(model, batch: int, latent_h: int, latent_w: int):
+    """Executors run by netexec on the CPU."""
+    from ..executors import NetexecExecutor
+
+    return _factory(model, batch, latent_h, latent_w, lambda defined, name: NetexecExecutor(defined))
+
+
+def gpu_factory(model, batch: int, latent_h: int, latent_w: int):
+    """Executors that are TensorRT engines built for, and run on, the GPU present (each network is
+    built in memory; a full-size UNet build takes minutes, once per tuning candidate)."""
+    from ..runtime import cuda
+    from ..runtime.engine import Engine, EngineExecutor
+
+    cuda.Device.open()
+
+    def run(defined, name):
+        log(f"calibration: building the {name} network for this GPU")
+        return EngineExecutor(Engine.from_network(defined, name))
+
+    return _factory(model, batch, latent_h, latent_w, run)
+
+
+def default_factory(model, unet_component, recipe: str, batch: int, latent_h: int, latent_w: int):
+    """The GPU when one is usable, else netexec — refused for full-size UNets (hours on the CPU)."""
+    from ..runtime import cuda
+
+    if cuda.probe()[0] > 0:
+        return gpu_factory(model, batch, latent_h, latent_w)
+    if unet_component.weight_bytes > CPU_LIMIT_BYTES:
+        raise UserError(
+            f"--precision {recipe}: calibrating this {unet_component.weight_bytes / 2**30:.1f} GiB UNet needs a GPU "
+            "(with netexec on the CPU it would take hours); calibrate on a machine with a GPU and TensorRT, then "
+            "pass the table (OUT/calibration.npz) with --calibration FILE")
+    return netexec_factory(model, batch, latent_h, latent_w)
 
 
 def text_conditioning(model, make, height: int, width: int):
@@ -66,12 +103,7 @@ def calibrate_and_tune(model, unet_component, recipe: str, *, height: int, width
         log(f"calibration: using {calibration} ({table.meta['prompts']} prompts, {table.meta['steps']} steps)")
         return table
     if factory is None:
-        if unet_component.weight_bytes > CPU_LIMIT_BYTES:
-            raise UserError(
-                f"--precision {recipe}: calibrating this {unet_component.weight_bytes / 2**30:.1f} GiB UNet needs a GPU "
-                "(on the CPU it would take hours); calibrate on a machine with a GPU and TensorRT and pass the "
-                "table with --calibration FILE")
-        factory = netexec_factory(model, 1, latent[1], latent[2])
+        factory = default_factory(model, unet_component, recipe, 1, latent[1], latent[2])
     encode = text_conditioning(model, factory, height, width)
     if table is None:
         prompts = load_prompts(prompts_file)
