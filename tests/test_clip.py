@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import shutil
 import warnings
-from collections import Counter
 
 import tiny_clip  # first: sets HF_HUB_OFFLINE before transformers loads
 import tiny_models
 import numpy as np
+from oracle import count_reads, rel_l2
 import pytest
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
@@ -43,13 +43,6 @@ def saved(tmp_path_factory):
             for style, eos in STYLES.items()}
 
 
-def rel_l2(out, ref) -> float:
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    assert out.shape == ref.shape, f"shape {out.shape} != reference {ref.shape}"
-    assert np.linalg.norm(ref) > 0, "reference is all zeros: the comparison would mean nothing"
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-
-
 def transformers_model(folder, encoder):
     cls = CLIPTextModel if encoder == 1 else CLIPTextModelWithProjection
     return cls.from_pretrained(folder / FOLDERS[encoder]).eval()
@@ -67,18 +60,6 @@ def tokens(folder, encoder, prompts):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the long prompt's truncation warning is test_tokenizer's business
         return open_tokenizer(folder, encoder).encode(prompts)
-
-
-def count_reads(component) -> Counter:
-    reads = Counter()
-    inner_get = component.get
-
-    def get(key, *args, **kwargs):
-        reads[key] += 1
-        return inner_get(key, *args, **kwargs)
-
-    component.get = get
-    return reads
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

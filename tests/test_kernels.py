@@ -13,6 +13,7 @@ import sys
 
 import ml_dtypes
 import numpy as np
+from oracle import rel_l2
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
@@ -24,13 +25,6 @@ from trt_sdxl import kernels as K
 from trt_sdxl.errors import UserError
 
 CI_ARCHS = (80, 89, 90, 120)
-
-
-def rel_l2(out, expected):
-    expected = np.asarray(expected, dtype=np.float64)
-    norm = np.linalg.norm(expected)
-    assert norm > 0, "reference is all zeros: the comparison would prove nothing"
-    return float(np.linalg.norm(np.asarray(out, dtype=np.float64) - expected) / norm)
 
 
 def assert_close(name, out, expected, tol):

@@ -8,6 +8,7 @@ round every tensor to fp16 (about 5e-4 relative each), so a few layers stay belo
 from __future__ import annotations
 
 import numpy as np
+from oracle import rel_l2
 import pytest
 
 from trt_sdxl import layers as L
@@ -29,12 +30,6 @@ class ArrayWeights:
         assert shape is None or tuple(array.shape) == tuple(shape), (name, array.shape, shape)
         self.consumed.add(name)
         return array.astype(dtype)
-
-
-def rel_l2(out, ref) -> float:
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    assert np.linalg.norm(ref) > 0, "reference is all zeros: the comparison would mean nothing"
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 def run_layer(precision, arrays, inputs, emit):

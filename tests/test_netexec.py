@@ -11,6 +11,7 @@ import math
 
 import ml_dtypes
 import numpy as np
+from oracle import rel_l2
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,13 +22,6 @@ trt = backend.trt()
 TOL = {np.float32: 1e-6, np.float16: 1e-3}
 DTYPES = [np.float32, np.float16]
 TRT_TYPES = {np.float32: trt.float32, np.float16: trt.float16, np.int32: trt.int32, np.bool_: trt.bool}
-
-
-def rel_l2(out, ref) -> float:
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    assert out.shape == ref.shape, f"shape {out.shape} != reference {ref.shape}"
-    assert np.linalg.norm(ref) > 0, "reference is all zeros: the comparison would mean nothing"
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 def assert_close(out, ref, tol, what=""):

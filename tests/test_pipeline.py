@@ -18,6 +18,7 @@ import tiny_clip
 import tiny_models
 import tiny_vae
 import numpy as np
+from oracle import rel_l2
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
@@ -34,13 +35,6 @@ from trt_sdxl.tokenizer import open_tokenizer
 BUDGET = 1e-2
 SIZE = 64  # pixels; latents 8x8 (the tiny UNet halves twice, the tiny VAE upsamples 8x)
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
-
-
-def rel_l2(out, expected) -> float:
-    expected = np.asarray(expected, dtype=np.float64)
-    norm = np.linalg.norm(expected)
-    assert norm > 0, "reference is all zeros: the comparison would prove nothing"
-    return float(np.linalg.norm(np.asarray(out, dtype=np.float64) - expected) / norm)
 
 
 def sdxl_scheduler_config() -> dict:

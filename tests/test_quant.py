@@ -10,6 +10,7 @@ import hashlib
 
 import tiny_models
 import numpy as np
+from oracle import rel_l2
 import pytest
 
 from trt_sdxl import weights
@@ -61,11 +62,6 @@ def tiny():
 
 def all_groups(component, table, fmt):
     return {g: 0.5 for g in QuantPlan(fmt, table, component, AmaxRule(), {}).groups()}
-
-
-def rel_l2(out, ref):
-    ref = np.asarray(ref, np.float64)
-    return float(np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref))
 
 
 def one_call(component, cfg, net, seed=0):

@@ -7,6 +7,7 @@ quantizers, whose integer / FP8 codes must match bit for bit.
 
 import ml_dtypes
 import numpy as np
+from oracle import rel_l2
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,13 +19,6 @@ from transformers.activations import QuickGELUActivation
 from trt_sdxl import reference as ref
 
 FLOAT64_TOL = 1e-12
-
-
-def rel_l2(out, expected):
-    expected = np.asarray(expected, dtype=np.float64)
-    norm = np.linalg.norm(expected)
-    assert norm > 0, "reference is all zeros: the comparison would prove nothing"
-    return float(np.linalg.norm(np.asarray(out, dtype=np.float64) - expected) / norm)
 
 
 def assert_close(name, out, expected, tol):

@@ -14,6 +14,7 @@ import ctypes
 import types
 
 import numpy as np
+from oracle import rel_l2
 import pytest
 
 from trt_sdxl import backend, kernels
@@ -22,13 +23,6 @@ from trt_sdxl.pipeline import Conditioning, Pipeline, seeded_latents, seeded_ste
 from trt_sdxl.runtime import cuda
 
 BUDGET = 1e-2
-
-
-def rel_l2(out, expected) -> float:
-    expected = np.asarray(expected, dtype=np.float64)
-    norm = np.linalg.norm(expected)
-    assert norm > 0, "reference is all zeros: the comparison would prove nothing"
-    return float(np.linalg.norm(np.asarray(out, dtype=np.float64) - expected) / norm)
 
 
 # ---------------------------------------------------------------- without a GPU

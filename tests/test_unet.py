@@ -10,6 +10,7 @@ from collections import Counter
 
 import tiny_models  # noqa: F401  (sets HF_HUB_OFFLINE before diffusers loads)
 import numpy as np
+from oracle import count_reads, rel_l2
 import pytest
 import torch
 
@@ -67,24 +68,6 @@ def ours(component, batch, h, w, feeds):
     net = unet.define(component, precision="fp16", batch=batch, latent_height=h, latent_width=w)
     cast = {k: v.astype(net.inputs[k][1]) for k, v in feeds.items()}
     return netexec.run(net.network, cast)["noise_pred"].astype(np.float64), net
-
-
-def rel_l2(out, ref):
-    assert np.linalg.norm(ref) > 0
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-
-
-def count_reads(component) -> Counter:
-    """Make `component.get` count how often each tensor is read; returns the live counter."""
-    reads = Counter()
-    inner_get = component.get
-
-    def get(key, *args, **kwargs):
-        reads[key] += 1
-        return inner_get(key, *args, **kwargs)
-
-    component.get = get
-    return reads
 
 
 @pytest.mark.parametrize("name,batch,h,w,timesteps", CASES)

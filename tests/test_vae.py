@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections import Counter
 
 import tiny_vae  # noqa: F401  (sets HF_HUB_OFFLINE before diffusers loads)
 import numpy as np
+from oracle import count_reads, rel_l2
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -56,24 +56,6 @@ def saved(tmp_path_factory):
         folder = tiny_vae.save_tiny_vae(root / name / "vae", seed=seed, dtype=dtype, **overrides)
         out[name] = (folder, AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval())
     return out
-
-
-def rel_l2(out, ref):
-    assert np.linalg.norm(ref) > 0
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-
-
-def count_reads(component) -> Counter:
-    """Make `component.get` count how often each tensor is read; returns the live counter."""
-    reads = Counter()
-    inner_get = component.get
-
-    def get(key, *args, **kwargs):
-        reads[key] += 1
-        return inner_get(key, *args, **kwargs)
-
-    component.get = get
-    return reads
 
 
 @pytest.mark.parametrize("name,precision,batch,h,w", CASES)

@@ -477,7 +477,7 @@ def test_config_that_disagrees_with_shapes(unet_folder, key, value, tensor, foun
     with pytest.raises(UserError) as error:
         weights.check_unet_config(unet)
     message = str(error.value)
-    assert str(unet_folder) in message and f"'{tensor}'" in message and f"says" in message
+    assert str(unet_folder) in message and f"'{tensor}'" in message and "says" in message
     assert f"{value if not isinstance(value, list) else value[1]}" in message and f" {found}" in message
 
 

@@ -80,6 +80,23 @@ class Definition:
         return self.keep(np.ascontiguousarray(array))
 
 
+class DefinedNetwork:
+    """A model's defined network: `.network` (INetworkDefinition) kept alive with its builder and
+    weights through `.definition`; `.inputs` maps each input name to (shape, numpy dtype)."""
+
+    def __init__(self, definition: Definition, config, inputs: dict[str, tuple]):
+        self.definition = definition
+        self.network = definition.network
+        self.builder = definition.builder
+        self.config = config
+        self.inputs = inputs
+        self.precision = definition.precision
+
+    @property
+    def macs(self) -> list[MacRecord]:
+        return self.definition.macs
+
+
 def new_definition(weights, precision: str = "fp16") -> Definition:
     if precision not in COMPUTE_DTYPES:
         raise UserError(f"precision {precision!r}: expected one of {', '.join(COMPUTE_DTYPES)}")

@@ -145,21 +145,12 @@ def text_encoder(d: Definition, cfg: TextEncoderConfig, ids, pooled: bool):
 # ---------------------------------------------------------------- the network
 
 
-class TextEncoderNetwork:
+class TextEncoderNetwork(L.DefinedNetwork):
     """A defined text encoder: `.network` (INetworkDefinition) kept alive with its builder and weights."""
 
-    def __init__(self, definition: Definition, config: TextEncoderConfig, encoder: int, inputs: dict[str, tuple]):
-        self.definition = definition
-        self.network = definition.network
-        self.builder = definition.builder
-        self.config = config
+    def __init__(self, definition: Definition, config, encoder: int, inputs: dict[str, tuple]):
+        super().__init__(definition, config, inputs)
         self.encoder = encoder
-        self.inputs = inputs  # name -> (shape, numpy dtype)
-        self.precision = definition.precision
-
-    @property
-    def macs(self):
-        return self.definition.macs
 
 
 def define(model, encoder: int = 1, batch: int = 1, precision: str = "fp16") -> TextEncoderNetwork:

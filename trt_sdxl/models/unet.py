@@ -226,20 +226,8 @@ def unet(d: Definition, cfg: UNetConfig, sample, timestep, context, text_embeds,
     return L.conv2d(d, h, "conv_out", cfg.out_channels, 3, padding=1)  # [B, out, h, w]
 
 
-class UNetNetwork:
+class UNetNetwork(L.DefinedNetwork):
     """A defined UNet: `.network` (INetworkDefinition) kept alive with its builder and weights."""
-
-    def __init__(self, definition: Definition, config: UNetConfig, inputs: dict[str, tuple]):
-        self.definition = definition
-        self.network = definition.network
-        self.builder = definition.builder
-        self.config = config
-        self.inputs = inputs  # name -> (shape, numpy dtype)
-        self.precision = definition.precision
-
-    @property
-    def macs(self):
-        return self.definition.macs
 
 
 def input_specs(cfg: UNetConfig, batch: int, latent_height: int, latent_width: int, dtype) -> dict[str, tuple]:

@@ -115,20 +115,8 @@ def decoder(d: Definition, cfg: VAEConfig, z):
 # ---------------------------------------------------------------- the network
 
 
-class VAENetwork:
+class VAENetwork(L.DefinedNetwork):
     """A defined VAE decoder: `.network` (INetworkDefinition) kept alive with its builder and weights."""
-
-    def __init__(self, definition: Definition, config: VAEConfig, inputs: dict[str, tuple]):
-        self.definition = definition
-        self.network = definition.network
-        self.builder = definition.builder
-        self.config = config
-        self.inputs = inputs  # name -> (shape, numpy dtype)
-        self.precision = definition.precision
-
-    @property
-    def macs(self):
-        return self.definition.macs
 
 
 def _check_precision(precision: str, cfg: VAEConfig) -> None:
