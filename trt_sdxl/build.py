@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, backend
-from .errors import UserError
+from .errors import UserError, run_cli
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny-sdxl"
 DEFAULT_OUT = Path("engines")
@@ -485,18 +485,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        build(args.model, Path(args.out), precision=args.precision, batch=args.batch, height=args.height,
-              width=args.width, target=args.target, components=args.components, vae_precision=args.vae_precision,
-              calibration=args.calibration, calibration_prompts=args.calibration_prompts,
-              calibration_steps=args.calibration_steps)
-    except UserError as e:
-        print(f"trt_sdxl.build: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("trt_sdxl.build: interrupted; nothing was left half-written", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli("trt_sdxl.build", lambda: build(
+        args.model, Path(args.out), precision=args.precision, batch=args.batch, height=args.height,
+        width=args.width, target=args.target, components=args.components, vae_precision=args.vae_precision,
+        calibration=args.calibration, calibration_prompts=args.calibration_prompts,
+        calibration_steps=args.calibration_steps), "nothing was left half-written")
 
 
 if __name__ == "__main__":

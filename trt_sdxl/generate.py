@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, schedulers
-from .errors import UserError
+from .errors import UserError, run_cli
 from .pipeline import Pipeline, seeded_latents, seeded_step_noise, to_uint8_rgb
 
 DEFAULT_ENGINES = Path("engines")
@@ -334,16 +334,12 @@ def generate(args: argparse.Namespace) -> list[Path]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+
+    def work():
         for path in generate(args):
             print(path)
-    except UserError as e:
-        print(f"trt_sdxl.generate: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ntrt_sdxl.generate: interrupted; no image written", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_cli("trt_sdxl.generate", work, "no image written")
 
 
 if __name__ == "__main__":
