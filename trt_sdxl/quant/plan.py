@@ -61,7 +61,7 @@ class QuantPlan:
     """Quantization decisions for one recipe from one CalibrationTable (deterministic)."""
 
     def __init__(self, recipe: str, table: CalibrationTable, weights, rule: AmaxRule, alphas: dict[str, float | None],
-                 qdq: bool = True):
+                 qdq: bool = True, conv_alpha: float | None = None):
         # qdq=False applies SmoothQuant's transforms without quantizing: the network must then equal
         # the FP16 one up to rounding, whatever the alphas (how the tests prove every fold exact).
         self.qdq = qdq
@@ -78,6 +78,8 @@ class QuantPlan:
         self.smoothing_muls = 0
         self._explicit_cache: dict[tuple[str, str], object] = {}
         self._build_smoothing(weights)
+        if conv_alpha is not None:
+            self._smooth_convs(weights, conv_alpha)
 
     # ------------------------------------------------------------ smoothing
 
@@ -116,6 +118,19 @@ class QuantPlan:
             else:
                 for p in members:
                     self.explicit[p] = group
+
+    def _smooth_convs(self, weights, alpha: float) -> None:
+        """SmoothQuant on the quantized convolutions too, as a measurement (tools/quant_report.py):
+        a conv's input comes out of SiLU or a concatenation, so its 1/s is always an explicit multiply."""
+        for path in self.table.channel_amax:
+            if not self.is_quantized(path) or smoothing_rule(path) is not None:
+                continue
+            w = np.asarray(weights.get(f"{path}.weight", dtype=np.float32))
+            if w.ndim != 4:
+                continue
+            self.scales[path] = smoothing_scales(self.input_channel_max(path), weight_channel_amax([w]),
+                                                 alpha).astype(np.float32)
+            self.explicit[path] = path
 
     def input_channel_max(self, path: str) -> np.ndarray:
         return self.table.channel_max(path)
@@ -175,7 +190,9 @@ class QuantPlan:
         if key not in self._explicit_cache:
             from .. import layers as L
 
-            inv = (1.0 / self.scales[path]).reshape((1,) * (len(x.shape) - 1) + (-1,))
+            rank = len(x.shape)
+            channel_axis = 1 if rank == 4 else rank - 1  # NCHW convolution inputs, [..., C] linear inputs
+            inv = (1.0 / self.scales[path]).reshape([-1 if i == channel_axis else 1 for i in range(rank)])
             self._explicit_cache[key] = L.mul(d, x, L.constant(d, inv.astype(d.dtype)), name=f"{group}.smooth")
             self.smoothing_muls += 1
         return self._explicit_cache[key]
