@@ -1,8 +1,9 @@
 """Per-layer tests: each function of trt_sdxl.layers emitted alone into a fresh network, run by
-netexec, compared with the numpy reference (trt_sdxl.reference) on random inputs, fp32 and fp16.
+netexec, compared with the numpy reference (trt_sdxl.reference) on random inputs, fp32, fp16 and bf16.
 
 Tolerances are relative L2 errors: fp32 networks must agree to float32 rounding; fp16 networks
-round every tensor to fp16 (about 5e-4 relative each), so a few layers stay below 3e-3.
+round every tensor to fp16 (about 5e-4 relative each), so a few layers stay below 3e-3; bf16
+keeps 3 fewer mantissa bits, so 8x that.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from trt_sdxl import layers as L
 from trt_sdxl import netexec
 from trt_sdxl import reference as R
 
-TOL = {"fp32": 2e-5, "fp16": 3e-3}
+TOL = {"fp32": 2e-5, "fp16": 3e-3, "bf16": 2.5e-2}  # bf16 keeps 8 mantissa bits to fp16's 11: 8x fp16
 
 
 class ArrayWeights:
@@ -49,7 +50,7 @@ def as_compute(x, precision):
     return x.astype(L.COMPUTE_DTYPES[precision]).astype(np.float64)
 
 
-PRECISIONS = ["fp32", "fp16"]
+PRECISIONS = ["fp32", "fp16", "bf16"]
 
 
 @pytest.fixture
