@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from trt_sdxl import backend, build
-from trt_sdxl.build import COMPONENTS, DEFAULT_MODEL, write_atomic
+from trt_sdxl.build import COMPONENTS, DEFAULT_MODEL
+from trt_sdxl.files import write_atomic
 from trt_sdxl.models import clip, unet, vae
 
 REPO = Path(build.__file__).resolve().parent.parent
@@ -418,3 +419,4 @@ def test_too_few_calibration_prompts_is_one_clear_line(tmp_path):
     proc = run_cli("--out", str(tmp_path / "o"), "--precision", "int8", "--calibration-prompts", str(prompts))
     assert "2 prompts; calibration needs at least 8" in one_error_line(proc)
     assert not (tmp_path / "o").exists()
+

@@ -172,6 +172,10 @@ def test_table_from_another_model_or_version_is_refused(tiny, tmp_path):
     other.save(tmp_path / "v.npz")
     with pytest.raises(UserError, match="format version 99"):
         CalibrationTable.load(tmp_path / "v.npz")
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated.npz: not a readable calibration table"):
+        CalibrationTable.load(truncated)
     (tmp_path / "bad.npz").write_bytes(b"not a table")
     with pytest.raises(UserError, match="bad.npz: not a readable calibration table"):
         CalibrationTable.load(tmp_path / "bad.npz")
@@ -227,3 +231,23 @@ def test_full_size_calibration_without_a_gpu_is_refused_with_the_way_out():
     full_size = SimpleNamespace(weight_bytes=5 * 2**30)
     with pytest.raises(UserError, match=r"5\.0 GiB UNet needs a GPU.*--calibration FILE"):
         workflow.default_factory("model", full_size, "int8", 1, 128, 128)
+
+
+def test_saved_table_has_a_plain_file_mode(tiny, tmp_path):
+    import os
+    import stat
+
+    component, table, _ = tiny
+    table.save(tmp_path / "t.npz")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "t.npz").stat().st_mode) == 0o666 & ~mask
+
+
+def test_8bit_from_a_single_file_needs_a_table(tiny, tmp_path):
+    from trt_sdxl.quant import workflow
+
+    component, _, _ = tiny
+    single = tiny_models.make_single_file("weights/tiny-sdxl/unet", tmp_path / "sdxl.safetensors")
+    with pytest.raises(UserError, match="needs the tokenizers of a diffusers pipeline folder.*--calibration FILE"):
+        workflow.calibrate_and_tune(single, component, "int8", height=64, width=64, table_path=tmp_path / "t.npz")

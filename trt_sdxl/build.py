@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from . import __version__, backend
 from .errors import UserError, run_cli
+from .files import write_json, write_temporary
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny-sdxl"
 DEFAULT_OUT = Path("engines")
@@ -45,42 +45,6 @@ def log(message: str) -> None:
 
 
 # ---------------------------------------------------------------- files
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_temporary(path: Path, data: bytes | memoryview) -> Path:
-    """Write `data` to a hidden temporary file next to `path` (flushed to disk); returns its path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's file is private; give it a plain file's mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
-    tmp = write_temporary(path, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def read_json(path: Path) -> dict:
@@ -156,12 +120,13 @@ def image_size(model, jobs: dict, height: int | None, width: int | None) -> tupl
     """Default image side: the UNet config's sample_size in pixels (1024 for SDXL, 128 for the tiny
     default); for a checkpoint without a UNet, the VAE config's sample_size (SDXL's is the image side)."""
     from . import weights
+    from .models import unet as unet_model
 
     if height and width:
         return height, width
     try:
         unet = jobs["unet"].checkpoint if "unet" in jobs else weights.open_component(model, "unet")
-        side = int(unet.config.get("sample_size", 128)) * 8
+        side = unet_model.default_image_side(unet.config)
     except UserError:
         if "vae" not in jobs:
             raise
@@ -373,12 +338,17 @@ def manifest_entry(job: EngineJob, file: str, target: str, batch: int, height: i
     return entry
 
 
-def warn_mixed_builds(manifest: dict, built, batch: int, target: str) -> None:
-    """Log engines kept from an earlier build whose batch or target differs from this build's."""
+def warn_mixed_builds(manifest: dict, built, batch: int, target: str, height: int, width: int) -> None:
+    """Log engines kept from an earlier build whose batch, target or image size differs from this build's."""
     for component, entry in manifest["engines"].items():
-        if component not in built and (entry.get("batch"), entry.get("target")) != (batch, target):
+        if component in built:
+            continue
+        size = (entry.get("image_height"), entry.get("image_width"))
+        sized = "image_height" in entry and height
+        if (entry.get("batch"), entry.get("target")) != (batch, target) or (sized and size != (height, width)):
             log(f"manifest: keeps {component} from an earlier build (batch {entry.get('batch')}, "
-                f"{entry.get('target')}), unlike this one (batch {batch}, {target}); rebuild it with "
+                f"{entry.get('target')}" + (f", {size[1]}x{size[0]}" if sized else "") + f"), unlike this one "
+                f"(batch {batch}, {target}" + (f", {width}x{height}" if sized else "") + f"); rebuild it with "
                 f"--components {component} for one consistent set")
 
 
@@ -406,21 +376,28 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
         raise UserError(f"--height {height} --width {width}: image sides must be positive multiples of 8")
     if height:
         log(f"image {width}x{height} (latent {width // 8}x{height // 8})")
-    table = None
-    if "unet" in jobs and precision in ("int8", "fp8"):
+    if calibration_steps < 1:
+        raise UserError(f"--calibration-steps {calibration_steps}: expected a positive integer")
+    eight_bit = "unet" in jobs and precision in ("int8", "fp8")
+
+    def define(job: EngineJob, precision: str, table=None):
+        start = time.perf_counter()
+        log(f"{job.component}: defining the network (batch {job.batch}, {precision})")
+        job.network = define_component(job.component, job.checkpoint, precision, job.batch,
+                                       height // 8, width // 8, calibration=table)
+        log(f"{job.component}: {job.network.network.num_layers} layers defined ({time.perf_counter() - start:.1f} s)")
+
+    # Every other network, and the FP16 UNet as a check of the checkpoint, is defined before an
+    # 8-bit UNet's calibration starts: a broken component must not wait for it.
+    for job in jobs.values():
+        define(job, "fp16" if job.component == "unet" and eight_bit else job.precision)
+    if eight_bit:
         from .quant.workflow import calibrate_and_tune
 
-        if calibration_steps < 1:
-            raise UserError(f"--calibration-steps {calibration_steps}: expected a positive integer")
         table = calibrate_and_tune(model, jobs["unet"].checkpoint, precision, height=height, width=width,
                                    table_path=Path(out) / "calibration.npz", calibration=calibration,
                                    prompts_file=calibration_prompts, steps=calibration_steps)
-    for job in jobs.values():
-        start = time.perf_counter()
-        log(f"{job.component}: defining the network (batch {job.batch}, {job.precision})")
-        job.network = define_component(job.component, job.checkpoint, job.precision, job.batch,
-                                       height // 8, width // 8, calibration=table)
-        log(f"{job.component}: {job.network.network.num_layers} layers defined ({time.perf_counter() - start:.1f} s)")
+        define(jobs["unet"], precision, table)
 
     out = Path(out)
     manifest = read_json(out / "manifest.json")
@@ -446,7 +423,7 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
     finally:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
-    warn_mixed_builds(manifest, jobs, batch, target)
+    warn_mixed_builds(manifest, jobs, batch, target, height, width)
     write_json(out / "build_report.json", report)
     write_json(out / "manifest.json", manifest)
     log(f"manifest: {out / 'manifest.json'}")

@@ -14,11 +14,18 @@ import numpy as np
 
 from . import netexec
 
+# netexec runs UNets up to this size in seconds per step; beyond it (a full-size SDXL UNet is
+# 4.8 GiB) the CPU path would take hours, and the entry points refuse it.
+NETEXEC_MAX_UNET_BYTES = 64 * 2**20
+
 
 class Executor(Protocol):
     inputs: dict[str, tuple[tuple[int, ...], object]]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def free(self) -> None:
+        """Release what the executor holds (device memory for an engine; nothing for netexec)."""
 
 
 class NetexecExecutor:
@@ -33,3 +40,6 @@ class NetexecExecutor:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cast = {k: np.asarray(v).astype(self.inputs[k][1], copy=False) for k, v in feeds.items()}
         return netexec.run(self.network, cast, self.outputs)
+
+    def free(self) -> None:
+        self.defined = self.network = None

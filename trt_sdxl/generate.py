@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,12 +26,14 @@ import numpy as np
 
 from . import __version__, schedulers
 from .errors import UserError, run_cli
+from .executors import NETEXEC_MAX_UNET_BYTES
+from .files import write_atomic
 from .pipeline import Pipeline, seeded_latents, seeded_step_noise, to_uint8_rgb
 
 DEFAULT_ENGINES = Path("engines")
 DEFAULT_CPU_MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny-sdxl"
 # netexec runs a tiny UNet step in a fraction of a second; SDXL's 5 GB UNet would take hours.
-CPU_MAX_UNET_BYTES = 64 * 2**20
+CPU_MAX_UNET_BYTES = NETEXEC_MAX_UNET_BYTES
 DEFAULT_SCALING_FACTOR = 0.13025  # SDXL's VAE config
 SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m_karras": "DPM++ 2M Karras", "ddim": "DDIM"}
 NO_GPU = ("a GPU is needed to run the TensorRT engines, and none is usable here: {reason}. To see the "
@@ -175,7 +176,7 @@ def cpu_setup(args, seed: int) -> Setup:
         raise UserError(f"--cpu: {model} has a {unet_weights.weight_bytes / 2**30:.1f} GiB UNet; netexec (numpy) "
                         "would take hours on it. Use --cpu with a tiny model (weights/tiny-sdxl) and run full-size "
                         "models on a GPU")
-    side = 8 * int(unet_weights.config.get("sample_size", 16))
+    side = unet.default_image_side(unet_weights.config)
     height, width = args.height or side, args.width or side
     tokenizers = open_tokenizers(model)
     settings = ModelSettings.read(model)
@@ -220,6 +221,11 @@ def gpu_setup(args, seed: int) -> Setup:
     engines = manifest.EnginesFolder(args.engines)
     entries = {c: engines.entry(c) for c in manifest.COMPONENTS}
     height, width = engines.check_resolution(entries["unet"], args.height, args.width)
+    vae_size = (entries["vae"].get("image_height"), entries["vae"].get("image_width"))
+    if vae_size != (height, width):
+        raise UserError(f"{engines.folder}: the VAE engine was built for {vae_size[1]}x{vae_size[0]} images, the UNet "
+                        f"for {width}x{height}; rebuild one of them, e.g. python -m trt_sdxl.build --components vae "
+                        f"--height {height} --width {width} --out {engines.folder}")
     be = backend.get()
     for entry in entries.values():
         engines.check_backend(entry, be.name, be.version)
@@ -287,14 +293,7 @@ def write_png(path: Path, rgb: np.ndarray, text: dict[str, str]) -> None:
     from .png import encode_png
 
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(encode_png(rgb, text))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, encode_png(rgb, text))
     except OSError as e:
         raise UserError(f"--out {path}: cannot write it ({e.strerror})") from None
 

@@ -28,7 +28,6 @@ import importlib
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import ml_dtypes
 import numpy as np
 
 from .errors import UserError
+from .files import write_atomic
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 HEADERS = ("common.cuh",)  # handed to NVRTC in memory, so they are part of the cache key
@@ -423,20 +423,6 @@ def cache_dir() -> Path:
     return base / "trt_sdxl" / "kernels"
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def compile_kernel(name: str, arch, output: str = "cubin") -> CompiledKernel:
     """The registered kernel `name` compiled for SM `arch`, from the cache when an identical build is there."""
     if name not in KERNELS:
@@ -455,7 +441,7 @@ def compile_kernel(name: str, arch, output: str = "cubin") -> CompiledKernel:
         return CompiledKernel(kernel, f"sm_{sm}", output, path.read_bytes(), version, from_cache=True)
     image = compile_source(source, kernel.file, sm, output, headers)
     try:
-        _write_atomically(path, image)
+        write_atomic(path, image)
     except OSError as e:
         warnings.warn(f"kernel cache {path.parent} is not writable ({e}); set {CACHE_ENV} to a writable folder")
     return CompiledKernel(kernel, f"sm_{sm}", output, image, version, from_cache=False)

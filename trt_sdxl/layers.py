@@ -1,10 +1,11 @@
 """Free functions that add TensorRT layers to a network and return the output tensor.
 
 Every model (UNet, text encoders, VAE) is written with these functions only, so that
-weight binding, dtype handling, MAC accounting and (later) Q/DQ insertion live in one
-place. A function that reads weights takes the checkpoint path of its module
-(`down_blocks.1.attentions.0.proj_in`) and binds `<path>.weight` / `<path>.bias` by
-name: a missing or mis-shaped tensor is an error, never a silent skip.
+weight binding, dtype handling, MAC accounting, calibration taps, SmoothQuant folding and
+Q/DQ insertion live in one place (the last three as `Definition.taps` / `.quant` ask). A
+function that reads weights takes the checkpoint path of its module
+(`down_blocks.1.attentions.0.proj_in`) and binds `<path>.weight` / `<path>.bias` by name: a
+missing or mis-shaped tensor is an error, never a silent skip.
 
 Tensors are static-shaped: `shape(x)` is known at definition time.
 """
@@ -270,7 +271,7 @@ def conv2d(d: Definition, x, path: str, out_channels: int, kernel: int, stride: 
         layer = d.network.add_convolution_nd(_quantized_input(d, x, path), out_channels, (kernel, kernel),
                                              trt.Weights(), trt.Weights())
         smoothed = d.keep(d.quant.transform_weight(path, weight))
-        layer.set_input(1, _quantized_weight(d, path, smoothed) if d.quant.qdq else weight_tensor(d, smoothed))
+        layer.set_input(1, _quantized_weight(d, path, smoothed))
         if bias:
             layer.set_input(2, weight_tensor(d, bias_array, f"{path}.bias"))  # [O]
     elif d.weight_dtype == d.dtype:

@@ -230,6 +230,11 @@ class UNetNetwork(L.DefinedNetwork):
     """A defined UNet: `.network` (INetworkDefinition) kept alive with its builder and weights."""
 
 
+def default_image_side(config: dict) -> int:
+    """The image side a UNet config was made for: its latent sample_size x 8 (SDXL: 128 -> 1024)."""
+    return 8 * int(config.get("sample_size", 128))
+
+
 def input_specs(cfg: UNetConfig, batch: int, latent_height: int, latent_width: int, dtype) -> dict[str, tuple]:
     return {
         "sample": ((batch, cfg.in_channels, latent_height, latent_width), dtype),

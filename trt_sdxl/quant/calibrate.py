@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .. import schedulers
-from ..pipeline import Conditioning, Pipeline
+from ..pipeline import Conditioning, Pipeline, seeded_latents, seeded_step_noise
 from .table import FORMAT_VERSION, CalibrationTable
 
 SAMPLE_PROMPTS = 4  # prompts whose sampled rows are kept for the SmoothQuant alpha search
@@ -58,15 +58,6 @@ class StatsCollector:
         return CalibrationTable(meta=meta, tensor_amax=dict(self.tensor), channel_amax=chan, rows=rows)
 
 
-def initial_latents(seed: int, shape: tuple[int, ...]) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def step_noise(seed: int, shape: tuple[int, ...]) -> Callable[[int], np.ndarray]:
-    """Per-step standard normal draws for stochastic schedulers, reproducible from the seed."""
-    return lambda step: np.random.default_rng([seed, step + 1]).standard_normal(shape).astype(np.float32)
-
-
 def run_calibration(unet_executor, encode: Callable[[list[str]], Conditioning], prompts: list[str], *,
                     scheduler: str = "euler", steps: int = 20, cfg: float = 5.0, seed: int = 0,
                     latent_shape: tuple[int, int, int] = (4, 128, 128), unet_fingerprint: str = "",
@@ -77,8 +68,9 @@ def run_calibration(unet_executor, encode: Callable[[list[str]], Conditioning], 
     for p, prompt in enumerate(prompts):
         sched = schedulers.create(scheduler, steps)
         cond = encode([prompt])
-        latents = initial_latents(seed + p, (1,) + tuple(latent_shape)) * np.float32(sched.init_noise_sigma)
-        loop.denoise(cond, latents, sched, cfg, noise=step_noise(seed + p, (1,) + tuple(latent_shape)),
+        shape = (1,) + tuple(latent_shape)
+        latents = seeded_latents(seed + p, shape, sched.init_noise_sigma)
+        loop.denoise(cond, latents, sched, cfg, noise=seeded_step_noise(seed + p, shape),
                      on_step=lambda i, t, out, p=p: collector.add(p, i, out))
         log(f"calibration: prompt {p + 1}/{len(prompts)} ({steps} steps)")
     meta = {

@@ -144,7 +144,13 @@ class QuantPlan:
         return path in self.table.channel_amax and is_quantized(self.recipe, path)
 
     def act_amax(self, path: str) -> float:
-        """Activation amax of `path`'s input as the quantizer sees it (after smoothing), by the rule."""
+        """Activation amax of `path`'s input as the quantizer sees it (after smoothing), by the rule.
+
+        Unsmoothed, the per-step values combine the prompts' per-call maxima exactly. Smoothed, the
+        per-call maxima of X/s were never recorded (s is chosen after calibration), so a step's value
+        is max over channels of the prompt-combined channel maxima divided by s: exact for combine
+        "max", and for "mean"/"min" a lower value (max_c mean_p <= mean_p max_c) — a mild clip.
+        """
         s = self.scales.get(path)
         if s is None:
             return layer_amax(self.table.tensor_amax[path], self.rule)

@@ -13,15 +13,16 @@ Written as one .npz through a temporary file and a rename.
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
+from ..files import write_atomic
 from .percentile import AmaxRule
 
 FORMAT_VERSION = 1
@@ -36,8 +37,6 @@ class CalibrationTable:
 
     def choices(self, recipe: str) -> dict:
         """The tuned choices for `recipe`: {"rule": AmaxRule, "alphas": {group: alpha or None}}."""
-        from ..errors import UserError
-
         tuned = self.meta.get("tuned", {}).get(recipe)
         if tuned is None:
             raise UserError(f"the calibration table has no tuned parameters for {recipe} "
@@ -57,15 +56,9 @@ class CalibrationTable:
         arrays = {"meta": np.frombuffer(json.dumps(self.meta, sort_keys=True).encode(), dtype=np.uint8)}
         for prefix, table in (("tensor", self.tensor_amax), ("chan", self.channel_amax), ("rows", self.rows)):
             arrays.update({f"{prefix}/{k}": v for k, v in table.items()})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        write_atomic(path, buffer.getbuffer())
 
     @classmethod
     def load(cls, path: str | Path, fingerprint: str | None = None) -> CalibrationTable:
@@ -74,13 +67,15 @@ class CalibrationTable:
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
+                if not isinstance(meta, dict):
+                    raise ValueError("its meta entry is not a JSON object")
                 table = cls(meta=meta)
                 for key in z.files:
                     prefix, _, name = key.partition("/")
                     target = {"tensor": table.tensor_amax, "chan": table.channel_amax, "rows": table.rows}.get(prefix)
                     if target is not None:
                         target[name] = z[key]
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
             raise UserError(f"--calibration {path}: not a readable calibration table ({e.__class__.__name__}: {e})")
         if meta.get("format_version") != FORMAT_VERSION:
             raise UserError(f"--calibration {path}: table format version {meta.get('format_version')}, this "

@@ -16,8 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .. import schedulers
-from ..pipeline import Conditioning, Pipeline
-from .calibrate import initial_latents, step_noise
+from ..pipeline import Conditioning, Pipeline, seeded_latents, seeded_step_noise
 from .percentile import AmaxRule
 from .plan import QuantPlan
 from .recipe import check_recipe
@@ -57,9 +56,9 @@ def trajectory(unet_executor, cond: Conditioning, *, scheduler: str, steps: int,
     """Final latents of one prompt's denoising (batch 1, CFG batch 2), reproducible from the seed."""
     sched = schedulers.create(scheduler, steps)
     shape = (1,) + tuple(latent_shape)
-    latents = initial_latents(seed, shape) * np.float32(sched.init_noise_sigma)
+    latents = seeded_latents(seed, shape, sched.init_noise_sigma)
     loop = Pipeline(None, None, unet_executor, None, None, None)
-    return loop.denoise(cond, latents, sched, cfg, noise=step_noise(seed, shape))
+    return loop.denoise(cond, latents, sched, cfg, noise=seeded_step_noise(seed, shape))
 
 
 def trajectory_error(executor, references: list[np.ndarray], conds: list[Conditioning], seeds: list[int],
@@ -100,7 +99,10 @@ def tune(table: CalibrationTable, recipe: str, weights, quantized_executor: Call
         key = (rule.describe(), setting)
         if key not in errors:
             executor = quantized_executor({"rule": rule, "alphas": settings[setting]})
-            errors[key] = (rule, trajectory_error(executor, references, conds, seeds, **run))
+            try:
+                errors[key] = (rule, trajectory_error(executor, references, conds, seeds, **run))
+            finally:
+                executor.free()  # a GPU candidate holds device and pinned buffers
             log(f"tune {recipe}: amax {rule.describe():<34} {setting:<10} trajectory error {errors[key][1]:.4e}")
         return errors[key][1]
 

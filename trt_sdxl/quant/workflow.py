@@ -8,27 +8,23 @@ full-size one, so a full-size model without a GPU is refused with a pointer to
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..executors import NETEXEC_MAX_UNET_BYTES
+from ..build import log
 from ..pipeline import Pipeline
 from .calibrate import run_calibration
 from .prompts import load_prompts
 from .table import CalibrationTable
 from .tune import tune
 
-CPU_LIMIT_BYTES = 256 * 2**20  # UNets larger than this are not calibrated with netexec
 
 
 def heldout_count(prompts: int) -> int:
     """Prompts held aside from calibration for the trajectory-level tuning: an eighth, 2 to 8
     (the 72 built-in prompts: 64 calibrate, 8 tune)."""
     return max(2, min(8, prompts // 8))
-
-
-def log(message: str) -> None:
-    print(f"[trt_sdxl.build] {message}", file=sys.stderr, flush=True)
 
 
 def _factory(model, batch: int, latent_h: int, latent_w: int, run):
@@ -75,7 +71,7 @@ def default_factory(model, unet_component, recipe: str, batch: int, latent_h: in
 
     if cuda.probe()[0] > 0:
         return gpu_factory(model, batch, latent_h, latent_w)
-    if unet_component.weight_bytes > CPU_LIMIT_BYTES:
+    if unet_component.weight_bytes > NETEXEC_MAX_UNET_BYTES:
         raise UserError(
             f"--precision {recipe}: calibrating this {unet_component.weight_bytes / 2**30:.1f} GiB UNet needs a GPU "
             "(with netexec on the CPU it would take hours); calibrate on a machine with a GPU and TensorRT, then "
@@ -96,31 +92,44 @@ def calibrate_and_tune(model, unet_component, recipe: str, *, height: int, width
                        calibration: str | None = None, prompts_file: str | None = None, steps: int = 20,
                        scheduler: str = "euler", cfg: float = 5.0, seed: int = 0, factory=None) -> CalibrationTable:
     """The table for `recipe`: read from `calibration` (tuned now if it lacks `recipe`), or measured."""
-    latent = (4, height // 8, width // 8)
     fingerprint = unet_component.fingerprint()
     table = CalibrationTable.load(calibration, fingerprint) if calibration else None
     if table is not None and recipe in table.meta.get("tuned", {}):
         log(f"calibration: using {calibration} ({table.meta['prompts']} prompts, {table.meta['steps']} steps)")
         return table
+    if not Path(model).is_dir():
+        raise UserError(f"--precision {recipe}: calibrating runs prompts through the text encoders, which needs the "
+                        f"tokenizers of a diffusers pipeline folder; {model} is not one. Pass --calibration FILE "
+                        f"(a table tuned for {recipe}) or a pipeline folder as --model")
+    # A reused table is tuned at the size its statistics were measured at, whatever this build's size.
+    latent = tuple(table.meta["latent_shape"]) if table is not None else (4, height // 8, width // 8)
     if factory is None:
         factory = default_factory(model, unet_component, recipe, 1, latent[1], latent[2])
-    encode = text_conditioning(model, factory, height, width)
+    encode = text_conditioning(model, factory, 8 * latent[1], 8 * latent[2])
     if table is None:
         prompts = load_prompts(prompts_file)
         held = heldout_count(len(prompts))
         calib, heldout = prompts[:-held], prompts[-held:]
         log(f"calibration: {len(calib)} prompts x {steps} steps ({scheduler}, CFG {cfg}), "
             f"{held} held aside for tuning")
-        table = run_calibration(factory("unet", calibration_taps=True), encode, calib, scheduler=scheduler,
-                                steps=steps, cfg=cfg, seed=seed, latent_shape=latent, unet_fingerprint=fingerprint,
-                                log=log)
+        executor = factory("unet", calibration_taps=True)
+        try:
+            table = run_calibration(executor, encode, calib, scheduler=scheduler, steps=steps, cfg=cfg, seed=seed,
+                                    latent_shape=latent, unet_fingerprint=fingerprint, log=log)
+        finally:
+            executor.free()
         table.meta["heldout"] = heldout
+    builtin = load_prompts(None)
     log(f"tuning {recipe}: SmoothQuant alpha per layer group, then the amax rule over whole trajectories")
-    tune(table, recipe, unet_component, lambda options: factory("unet", precision=recipe, calibration=table,
-                                                                quant_options=options),
-         factory("unet"), encode, table.meta.get("heldout") or load_prompts(None)[-heldout_count(len(load_prompts(None))):],
-         scheduler=table.meta["scheduler"], steps=table.meta["steps"], cfg=table.meta["cfg"], seed=seed,
-         latent_shape=tuple(table.meta["latent_shape"]), log=log)
+    fp16 = factory("unet")
+    try:
+        tune(table, recipe, unet_component,
+             lambda options: factory("unet", precision=recipe, calibration=table, quant_options=options),
+             fp16, encode, table.meta.get("heldout") or builtin[-heldout_count(len(builtin)):],
+             scheduler=table.meta["scheduler"], steps=table.meta["steps"], cfg=table.meta["cfg"], seed=seed,
+             latent_shape=latent, log=log)
+    finally:
+        fp16.free()
     table.save(table_path)
     log(f"calibration table: {table_path}")
     return table
