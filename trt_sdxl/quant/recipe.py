@@ -10,7 +10,7 @@ conv_shortcut 1.0%, conv_in + conv_out + time embeddings 0.01%.
   embedding); attention BMMs stay FP16 (no INT8 fused attention above 512 tokens). 88.4% of
   the MACs in 8 bits — NVIDIA's level 3 plus the 1x1 `conv_shortcut`s; the level-2.5 set
   below cannot reach 88% (79.4%). The price, measured on our tiny models: tuned trajectory
-  error 0.125 against 0.080 for the level-2.5 set (BENCHMARKS.md).
+  error 0.142 against 0.079 for the level-2.5 set (BENCHMARKS.md).
 - `int8_nvidia_2.5`: NVIDIA's "quant level 2.5" for SDXL INT8 (convolutions, feed-forward,
   q/k/v): 79.4% of the MACs; kept for comparison.
 - `fp8`: the `int8` layers plus the attention BMMs (q, k, v and the softmax output): 99.0%.
