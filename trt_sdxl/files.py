@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import UserError
+
 
 def current_umask() -> int:
     mask = os.umask(0)
@@ -43,3 +45,16 @@ def write_atomic(path: Path, data: bytes | memoryview) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def load_json(path: Path, what: str | None = None):
+    """A JSON file a user gave us; any problem is a UserError naming the file (and `what` it should be)."""
+    expected = f"; expected {what}" if what else ""
+    if what is not None and not path.is_file():
+        raise UserError(f"{path}: missing (expected {what})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}){expected}") from None

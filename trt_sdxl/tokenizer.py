@@ -18,7 +18,6 @@ token (`tests/test_tokenizer.py` checks it). A prompt goes through:
 
 from __future__ import annotations
 
-import json
 import unicodedata
 import warnings
 from functools import lru_cache
@@ -28,6 +27,7 @@ import numpy as np
 import regex
 
 from .errors import UserError
+from .files import load_json
 
 MAX_LENGTH = 77  # SDXL's text encoders read 77 positions
 FOLDERS = {1: "tokenizer", 2: "tokenizer_2"}
@@ -61,17 +61,6 @@ def normalize(text: str) -> str:
     like transformers' normalizer)."""
     text = WHITESPACE.sub(" ", unicodedata.normalize("NFC", text))
     return "".join(c.lower() for c in text)
-
-
-def _read_json(path: Path, what: str):
-    if not path.is_file():
-        raise UserError(f"{path}: missing (expected {what})")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e}); expected {what}") from None
 
 
 def _token_content(value, where: str) -> tuple[str, bool]:
@@ -111,7 +100,7 @@ class Tokenizer:
 
     @staticmethod
     def _read_vocab(path: Path) -> dict[str, int]:
-        vocab = _read_json(path, "a JSON object mapping each token to its integer id")
+        vocab = load_json(path, "a JSON object mapping each token to its integer id")
         if not isinstance(vocab, dict) or not vocab or not all(
                 isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in vocab.items()):
             raise UserError(f"{path}: expected a non-empty JSON object mapping each token to its integer id")
@@ -151,14 +140,14 @@ class Tokenizer:
         [(content, normalized) of added_tokens_decoder]). special_tokens_map.json overrides the
         config unless the config carries `added_tokens_decoder`, as in transformers."""
         path = self.folder / "tokenizer_config.json"
-        config = _read_json(path, "the tokenizer's settings (special tokens, model_max_length)")
+        config = load_json(path, "the tokenizer's settings (special tokens, model_max_length)")
         if not isinstance(config, dict):
             raise UserError(f"{path}: expected a JSON object")
         entries = {key: (config[key], str(path)) for key in DEFAULT_SPECIAL if config.get(key) is not None}
         added = config.get("added_tokens_decoder")
         map_path = self.folder / "special_tokens_map.json"
         if added is None and map_path.is_file():
-            special_map = _read_json(map_path, "a JSON object of special tokens")
+            special_map = load_json(map_path, "a JSON object of special tokens")
             if not isinstance(special_map, dict):
                 raise UserError(f"{map_path}: expected a JSON object of special tokens")
             entries.update({key: (special_map[key], str(map_path)) for key in DEFAULT_SPECIAL

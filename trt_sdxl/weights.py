@@ -28,6 +28,7 @@ import numpy as np
 
 from . import configs, keymap
 from .errors import UserError
+from .files import load_json
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -336,7 +337,7 @@ def _open_folder(folder: Path, component: str, config: dict | None) -> Component
     if config is None:
         config_path = folder / "config.json"
         if config_path.is_file():
-            config = _read_json(config_path)
+            config = load_json(config_path)
             _check_config_class(config, component, config_path)
         else:
             config = configs.load(_sdxl_variant(entries.get("conv_in.weight"), component, folder), component)
@@ -354,7 +355,7 @@ def _text_model_names(component: str, entries: dict[str, TensorEntry]) -> dict[s
 
 def _open_index(index_path: Path) -> list[SafetensorsFile]:
     """The shards a `*.safetensors.index*.json` lists, checked against its weight_map."""
-    index = _read_json(index_path)
+    index = load_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise UserError(f"{index_path}: expected a JSON object with a non-empty \"weight_map\"")
@@ -397,15 +398,6 @@ def _sdxl_variant(conv_in: TensorEntry | None, component: str, where: Path) -> s
                         f"{width} output channels, neither SDXL base (320) nor refiner (384); "
                         "provide the model's config.json")
     return variants[width]
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
 def _check_config_class(config, component: str, path: Path) -> None:
