@@ -85,6 +85,7 @@ def test_unet_matches_diffusers(saved, name, batch, h, w, timesteps, layout):
     ref = diffusers_forward(model, feeds)
     assert out.shape == ref.shape
     err = rel_l2(out, ref)
+    print(f"\n{name} {layout} batch {batch} {h}x{w} t={timesteps}: noise_pred rel L2 {err:.2e}")
     assert err <= BUDGET, f"{name} {layout} batch {batch} {h}x{w} t={timesteps}: noise_pred rel L2 {err:.3e}"
     # every tensor of the checkpoint bound exactly once
     assert set(reads) == set(component.keys())
