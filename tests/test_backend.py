@@ -28,7 +28,7 @@ STUBS = Path(os.environ.get("TRT_SDXL_TRT10_STUBS", REPO / "build" / "trt10-stub
 
 # Our own attributes whose names happen to be TensorRT words too: `Definition.precision` /
 # `UNetNetwork.precision` (the package never touches TensorRT 10's deprecated ILayer.precision).
-OWN_NAMES = {"precision"}
+OWN_NAMES = {"precision", "unload"}  # our own attributes that share a name with a TensorRT member
 
 
 def _stub_vocabulary() -> dict[str, set[str]]:

@@ -11,10 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from trt_sdxl import backend, build
-from trt_sdxl.build import COMPONENTS, DEFAULT_MODEL
+from trt_sdxl.engines import build_engine
+from trt_sdxl.components import COMPONENTS, DEFAULT_MODEL
 from trt_sdxl.files import write_atomic
 from trt_sdxl.models import clip, unet, vae
 
@@ -28,7 +30,7 @@ def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -84,7 +86,7 @@ def test_default_build_writes_four_engines_manifest_and_report(default_build):
         e = engines[component]
         assert e["inputs"] == [{"name": "input_ids", "shape": [1, 77], "dtype": "int32"}]
         assert e["outputs"][0] == {"name": "hidden_states", "shape": [1, 77, 32], "dtype": "half"}
-        assert e["tokenizer"] == str(DEFAULT_MODEL / folder)
+        assert e["tokenizer"] == f"model/{folder}" and (out / e["tokenizer"] / "vocab.json").is_file()
     assert engines["text_encoder_2"]["outputs"][1] == {"name": "text_embeds", "shape": [1, 32], "dtype": "half"}
     assert len(engines["text_encoder"]["outputs"]) == 1
     v = engines["vae"]
@@ -102,8 +104,10 @@ def test_default_build_writes_four_engines_manifest_and_report(default_build):
                       f"{component}: building for SM89", f"wrote {out / names[component]}"):
             assert stage in proc.stderr, proc.stderr
     assert "[4/4] vae: building for SM89" in proc.stderr
-    # no temporary files left behind
-    assert sorted(p.name for p in out.iterdir()) == sorted([*names.values(), "manifest.json", "build_report.json"])
+    # no temporary files left behind; the model copy beside the engines
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names.values(), "manifest.json", "build_report.json",
+                                                            "model"])
+    assert not [p for p in out.rglob(".*")], "a temporary file or folder was left behind"
 
 
 def test_components_subset_batch_and_vae_precision(tmp_path):
@@ -142,7 +146,7 @@ def test_fp16_vae_for_overflowing_weights_warns_in_one_line(tmp_path):
 @pytest.mark.parametrize("target", ["SM89", "SM120"])
 def test_tiny_unet_aot_build(target):
     net = unet.define(DEFAULT_MODEL, batch=2, latent_height=16, latent_width=24)
-    engine, seconds = build.build_engine(net.definition, target)
+    engine, seconds = build_engine(net.definition, target)
     assert engine.nbytes > 100_000, f"{target}: engine of {engine.nbytes} bytes"
 
 
@@ -150,7 +154,7 @@ def test_tiny_unet_aot_build(target):
 def test_tiny_text_encoders_and_vae_aot_build(target):
     for net in (clip.define(DEFAULT_MODEL, encoder=1, batch=2), clip.define(DEFAULT_MODEL, encoder=2, batch=2),
                 vae.define(DEFAULT_MODEL, batch=2, latent_height=16, latent_width=24)):
-        engine, seconds = build.build_engine(net.definition, target)
+        engine, seconds = build_engine(net.definition, target)
         assert engine.nbytes > 100_000, f"{target}: engine of {engine.nbytes} bytes"
 
 
@@ -185,8 +189,11 @@ def check_failed_cleanly(proc, needle: str, out: Path, before: dict[str, bytes])
     (["--precision", "int8", "--calibration-steps", "0"], "--calibration-steps 0: expected a positive integer"),
     (["--precision", "fp64"], "--precision fp64: expected one of fp16, int8, fp8"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
-    (["--height", "100", "--width", "128"], "--height 100"),
-    (["--height", "136", "--width", "128"], "multiples of 32"),
+    (["--height", "100", "--width", "128"], "--height 100: expected a positive multiple of 32"),
+    (["--height", "136", "--width", "128"], "--height 136: expected a positive multiple of 32"),
+    (["--height", "0"], "--height 0: expected a positive multiple of 32"),
+    (["--width", "-64"], "--width -64: expected a positive multiple of 32"),
+    (["--target", "native"], "--target native: no GPU found"),
     (["--batch", "0"], "--batch 0"),
     (["--target", "SM90"], "--target SM90"),
     (["--components", "unet,clip"], "--components unet,clip: 'clip' is not a component; expected a "
@@ -198,6 +205,24 @@ def check_failed_cleanly(proc, needle: str, out: Path, before: dict[str, bytes])
 def test_bad_flags_are_one_clear_line(previous_build, args, needle):
     before = folder_bytes(previous_build)
     check_failed_cleanly(run_cli("--out", str(previous_build), *args), needle, previous_build, before)
+
+
+def test_unwritable_out_is_refused_before_any_work(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    cases = [(tmp_path / "a-file", "is a file; expected a folder"),
+             (tmp_path / "a-file" / "engines", f"{tmp_path / 'a-file'} is not a writable folder")]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if not os.access(locked, os.W_OK):  # not root: a folder without write permission
+        cases.append((locked / "engines", f"--out {locked / 'engines'}: {locked} is not a writable folder"))
+    try:
+        for out, needle in cases:
+            proc = run_cli("--out", str(out))
+            assert needle in one_error_line(proc)
+            assert "opening weights" not in proc.stderr  # refused before the work started
+    finally:
+        locked.chmod(0o700)
 
 
 def damage_remove(path: Path) -> None:
@@ -271,11 +296,11 @@ def test_failed_build_leaves_previous_outputs_intact(tmp_path, monkeypatch, defa
     real_build_engine = build.build_engine
     calls = []
 
-    def failing_build(definition, target):
+    def failing_build(definition, target, log):
         calls.append(target)
         if len(calls) == fail_at:
             raise KeyboardInterrupt
-        return real_build_engine(definition, target)
+        return real_build_engine(definition, target, log)
 
     monkeypatch.setattr(build, "build_engine", failing_build)
     # a different batch, so an engine written before the failure would differ from the one on disk
@@ -420,3 +445,66 @@ def test_too_few_calibration_prompts_is_one_clear_line(tmp_path):
     assert "2 prompts; calibration needs at least 8" in one_error_line(proc)
     assert not (tmp_path / "o").exists()
 
+
+
+@pytest.mark.slow
+def test_failed_8bit_build_keeps_the_existing_calibration_table(int8_build, tmp_path, monkeypatch):
+    """Tuning FP8 on the INT8 table adds to it; a build that fails after tuning leaves the table
+    on disk (and everything else) as it was."""
+    out, proc = int8_build
+    assert proc.returncode == 0, proc.stderr
+    folder = Path(shutil.copytree(out, tmp_path / "engines"))
+    before = folder_bytes(folder)
+
+    def failing_build(definition, target, log):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "build_engine", failing_build)
+    code = build.main(["--out", str(folder), "--precision", "fp8", "--components", "unet",
+                       "--calibration", str(folder / "calibration.npz")])
+    assert code == 130
+    assert folder_bytes(folder) == before
+
+
+def test_ctrl_c_during_the_engine_build_is_interrupted_not_failed(tmp_path):
+    """SIGINT while TensorRT builds: exit 130 with "interrupted", and the output folder untouched."""
+    import signal
+    import time
+
+    out = tmp_path / "engines"
+    proc = subprocess.Popen([sys.executable, "-m", "trt_sdxl.build", "--out", str(out)], cwd=REPO,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "building for" in line:  # the builder has started on the first engine
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    code = proc.wait(timeout=300)
+    err = "".join(seen) + rest
+    assert code == 130, err
+    assert "trt_sdxl.build: interrupted" in err and "Traceback" not in err, err
+    assert not out.exists() or not any(p.suffix == ".plan" for p in out.iterdir()), err
+
+
+@pytest.mark.slow
+def test_cpu_preview_runs_the_int8_networks_of_the_folder(int8_build):
+    """device="cpu" on an INT8 engines folder runs the INT8 UNet network defined from the folder's own
+    calibration table (Q/DQ layers and all), not the FP16 one."""
+    from trt_sdxl import Generator
+    from trt_sdxl.quant.table import CalibrationTable
+
+    out, proc = int8_build
+    assert proc.returncode == 0, proc.stderr
+    preview = Generator.load(out, device="cpu")
+    unet_net = preview._loaded.pipeline.unet.defined
+    trt = backend.trt()
+    kinds = [unet_net.network.get_layer(i).type for i in range(unet_net.network.num_layers)]
+    assert unet_net.precision == "int8" and kinds.count(trt.LayerType.QUANTIZE) > 50
+    assert unet_net.definition.quant.table.meta == CalibrationTable.load(out / "calibration.npz").meta
+    image = preview.generate("a lighthouse at sunset", steps=3, seed=1)[0]
+    fp16 = Generator.from_model(DEFAULT_MODEL).generate("a lighthouse at sunset", steps=3, seed=1)[0]
+    assert image.rgb.shape == fp16.rgb.shape and not np.array_equal(image.rgb, fp16.rgb)
+    assert "unet int8" in preview.where

@@ -21,7 +21,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from trt_sdxl import build, netexec, weights
+from trt_sdxl import engines, netexec, weights
 from trt_sdxl import layers as L
 from trt_sdxl.errors import UserError
 from trt_sdxl.models import clip
@@ -197,7 +197,7 @@ def test_empty_prompt_matches_diffusers(saved):
 @pytest.mark.parametrize("encoder", [1, 2])
 def test_aot_build(saved, encoder):
     net = clip.define(saved["legacy"], encoder, batch=2, precision="fp16")
-    engine, seconds = build.build_engine(net.definition, "SM89")
+    engine, seconds = engines.build_engine(net.definition, "SM89")
     assert engine.nbytes > 100_000, f"encoder {encoder}: engine of {engine.nbytes} bytes"
 
 

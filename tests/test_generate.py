@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from test_pipeline import SIZE, save_tiny_sdxl
 
-from trt_sdxl import backend, generate, schedulers, weights
+from trt_sdxl import backend, generate, generator, schedulers, weights
 from trt_sdxl.errors import UserError
 from trt_sdxl.executors import NetexecExecutor
 from trt_sdxl.models import clip, unet, vae
-from trt_sdxl.pipeline import Pipeline, seeded_latents, seeded_step_noise, to_uint8_rgb
+from trt_sdxl.denoising import seeded_latents, seeded_step_noise
+from trt_sdxl.pipeline import ModelSettings, Pipeline, to_uint8_rgb
 from trt_sdxl.png import read_png_text
 from trt_sdxl.runtime import cuda, manifest
 from trt_sdxl.tokenizer import open_tokenizer
@@ -72,7 +73,7 @@ def test_cpu_generates_the_pipelines_images(tiny_sdxl, tmp_path, capsys):
                     NetexecExecutor(unet.define(tiny_sdxl, batch=4, latent_height=latent, latent_width=latent)),
                     NetexecExecutor(vae.define(tiny_sdxl, batch=2, latent_height=latent, latent_width=latent)),
                     open_tokenizer(tiny_sdxl, 1), open_tokenizer(tiny_sdxl, 2))
-    scheduler = schedulers.create("dpmpp_2m_karras", 3, generate.ModelSettings.read(tiny_sdxl).scheduler_config)
+    scheduler = schedulers.create("dpmpp_2m_karras", 3, ModelSettings.read(tiny_sdxl).scheduler_config)
     shape = (2, 4, latent, latent)
     cond = pipe.encode_prompt(["a cat on a sofa"] * 2, ["blurry"] * 2, SIZE, SIZE)
     latents = pipe.denoise(cond, seeded_latents(11, shape, scheduler.init_noise_sigma), scheduler, 6.5,
@@ -85,14 +86,14 @@ def test_cpu_generates_the_pipelines_images(tiny_sdxl, tmp_path, capsys):
         assert lines[:2] == ["a cat on a sofa", "Negative prompt: blurry"]
         fields = dict(f.split(": ", 1) for f in lines[2].split(", "))
         assert fields["Steps"] == "3" and fields["Sampler"] == "DPM++ 2M Karras" and fields["CFG scale"] == "6.5"
-        assert fields["Seed"] == "11" and fields["Size"] == f"{SIZE}x{SIZE}" and fields["Model"] == "tiny-sdxl"
+        assert fields["Seed"] == str(11 + k) and fields["Size"] == f"{SIZE}x{SIZE}" and fields["Model"] == "tiny-sdxl"  # image k: seed + k (A1111)
         assert fields["Batch size"] == "2" and fields["Batch pos"] == str(k)
         assert fields["Model hash"] == weights.open_component(tiny_sdxl, "unet").fingerprint()[:10]
     assert not np.array_equal(images[0], images[1]), "both images of the batch are the same"
 
 
 def test_cpu_refuses_a_full_size_model(tiny_sdxl, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(generate, "CPU_MAX_UNET_BYTES", 1000)  # the tiny UNet now counts as full size
+    monkeypatch.setattr(generator, "NETEXEC_MAX_UNET_BYTES", 1000)  # the tiny UNet now counts as full size
     code, err = run_cli(capsys, ["x", "--cpu", "--model", tiny_sdxl, "--out", tmp_path / "a.png"])
     assert code == 2 and len(err) == 1 and "would take hours" in err[0], err
 
@@ -272,3 +273,12 @@ def test_a_real_manifest_passes_the_checks(built, tmp_path, capsys, gpu_answers,
     monkeypatch.setattr(cuda.Device, "open", reached)
     code, err = run_cli(capsys, ["x", "--engines", built, "--out", tmp_path / "a.png"])
     assert code == 2 and err == ["trt_sdxl.generate: error: reached the GPU"], err
+
+
+def test_a_long_prompt_warns_once_through_the_log(tiny_sdxl, tmp_path, capsys):
+    long_prompt = " ".join(["sneaker"] * 100)
+    code, err = run_cli(capsys, [long_prompt, "--cpu", "--model", tiny_sdxl, "--steps", 1, "--negative", long_prompt,
+                                 "--height", SIZE, "--width", SIZE, "--out", tmp_path / "long.png"])
+    assert code == 0, err
+    warnings = [line for line in err if "truncated" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("[trt_sdxl.generate] warning: prompts longer than 75"), err

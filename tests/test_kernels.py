@@ -22,6 +22,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 from trt_sdxl import configs
 from trt_sdxl import kernels as K
+from trt_sdxl.runtime import nvrtc as N
 from trt_sdxl.errors import UserError
 
 CI_ARCHS = (80, 89, 90, 120)
@@ -45,7 +46,7 @@ def assert_same_bits(name, out, expected):
 
 @pytest.fixture
 def kernel_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(K.CACHE_ENV, str(tmp_path / "kernels"))
+    monkeypatch.setenv(N.CACHE_ENV, str(tmp_path / "kernels"))
     return tmp_path / "kernels"
 
 
@@ -91,9 +92,9 @@ def test_launch_helpers():
 
 @pytest.mark.parametrize("arch", CI_ARCHS)
 def test_every_kernel_compiles_and_is_cached(arch, kernel_cache):
-    if arch not in K.supported_archs():
-        pytest.skip(f"NVRTC {K.nvrtc_version()} does not compile for sm_{arch}")
-    first = K.compile_all(arch)
+    if arch not in N.supported_archs():
+        pytest.skip(f"NVRTC {N.nvrtc_version()} does not compile for sm_{arch}")
+    first = N.compile_all(arch)
     assert set(first) == set(K.KERNELS)
     for name, compiled in first.items():
         assert not compiled.from_cache, f"{name}: found in an empty cache"
@@ -102,14 +103,14 @@ def test_every_kernel_compiles_and_is_cached(arch, kernel_cache):
             assert entry.name.encode() in compiled.image, f"{name}: CUBIN lacks entry point {entry.name}"
     files = sorted(p.name for p in kernel_cache.iterdir())
     assert len(files) == len(K.KERNELS) and all(f".sm_{arch}." in f and f.endswith(".cubin") for f in files), files
-    second = K.compile_all(arch)
+    second = N.compile_all(arch)
     for name, compiled in second.items():
         assert compiled.from_cache, f"{name}: compiled again instead of read from the cache"
         assert compiled.image == first[name].image
 
 
 def test_ptx_output_names_every_entry(kernel_cache):
-    for name, compiled in K.compile_all("sm_89", output="ptx").items():
+    for name, compiled in N.compile_all("sm_89", output="ptx").items():
         ptx = compiled.image
         assert ptx.endswith(b"\0"), f"{name}: cuModuleLoadData needs NUL-terminated PTX"
         assert b".target sm_89" in ptx
@@ -119,28 +120,28 @@ def test_ptx_output_names_every_entry(kernel_cache):
 
 
 def test_cache_key_separates_architectures_and_outputs(kernel_cache):
-    images = {(a, o): K.compile_kernel("guidance", a, o) for a in (80, 89) for o in ("cubin", "ptx")}
+    images = {(a, o): N.compile_kernel("guidance", a, o) for a in (80, 89) for o in ("cubin", "ptx")}
     assert len({c.image for c in images.values()}) == 4
     assert len(list(kernel_cache.iterdir())) == 4
     assert not list(kernel_cache.glob("*.tmp")), "a temporary file was left behind"
 
 
 def test_compile_error_shows_the_log():
-    with pytest.raises(K.KernelCompileError, match=r"broken\.cu.*sm_89(.|\n)*no_such_symbol"):
-        K.compile_source('extern "C" __global__ void k(float* x) { x[0] = no_such_symbol; }', "broken.cu", 89)
+    with pytest.raises(N.KernelCompileError, match=r"broken\.cu.*sm_89(.|\n)*no_such_symbol"):
+        N.compile_source('extern "C" __global__ void k(float* x) { x[0] = no_such_symbol; }', "broken.cu", 89)
 
 
 def test_unsupported_architecture_is_a_user_error():
     with pytest.raises(UserError, match=r"sm_30: NVRTC \d+\.\d+ compiles for"):
-        K.compile_source('extern "C" __global__ void k() {}', "k.cu", "sm_30")
+        N.compile_source('extern "C" __global__ void k() {}', "k.cu", "sm_30")
     with pytest.raises(UserError, match="GPU architecture 'ampere'"):
-        K.compile_kernel("guidance", "ampere")
+        N.compile_kernel("guidance", "ampere")
 
 
 def test_missing_cuda_python_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "cuda.bindings.nvrtc", None)  # makes the import fail
     with pytest.raises(UserError, match=r"trt_sdxl\[cuda\]"):
-        K.compile_kernel("guidance", 89)
+        N.compile_kernel("guidance", 89)
 
 
 # --- Philox4x32-10 and Box-Muller ----------------------------------------------------------------
@@ -361,12 +362,12 @@ class Device:
         minor = self.call(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self.device))
         self.arch = 10 * major + minor
         driver_cuda = self.call(driver.cuDriverGetVersion()) // 1000
-        nvrtc_cuda = K.nvrtc_version()[0]
+        nvrtc_cuda = N.nvrtc_version()[0]
         if driver_cuda < nvrtc_cuda:  # a CUBIN from NVRTC 13 needs a driver of CUDA 13 or later
             raise RuntimeError(f"the NVIDIA driver supports CUDA {driver_cuda}, NVRTC is CUDA {nvrtc_cuda}: install "
                                f"cuda-bindings and the NVRTC wheel of CUDA {driver_cuda} (nvidia-cuda-nvrtc-cu12)")
         self.modules, self.functions, self.buffers = [], {}, []
-        for compiled in K.compile_all(self.arch).values():
+        for compiled in N.compile_all(self.arch).values():
             module = self.call(driver.cuModuleLoadData(compiled.image))
             self.modules.append(module)
             for entry in compiled.kernel.entries:
@@ -435,7 +436,7 @@ def gpu(tmp_path_factory):
     if driver is None:
         pytest.skip(reason)
     mp = pytest.MonkeyPatch()
-    mp.setenv(K.CACHE_ENV, str(tmp_path_factory.mktemp("kernels")))
+    mp.setenv(N.CACHE_ENV, str(tmp_path_factory.mktemp("kernels")))
     device = Device(driver)
     yield device
     device.close()

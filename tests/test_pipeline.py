@@ -29,7 +29,8 @@ from trt_sdxl import configs, kernels, schedulers
 from trt_sdxl.errors import UserError
 from trt_sdxl.executors import NetexecExecutor
 from trt_sdxl.models import clip, unet, vae
-from trt_sdxl.pipeline import (Pipeline, denoising_steps, run_batched, seeded_latents, seeded_step_noise)
+from trt_sdxl.denoising import denoising_steps, run_batched, seeded_latents, seeded_step_noise
+from trt_sdxl.pipeline import Pipeline
 from trt_sdxl.tokenizer import open_tokenizer
 
 BUDGET = 1e-2

@@ -17,11 +17,13 @@ from trt_sdxl import weights
 from trt_sdxl.errors import UserError
 from trt_sdxl.executors import NetexecExecutor
 from trt_sdxl.models import unet
-from trt_sdxl.pipeline import Conditioning, time_ids
-from trt_sdxl.quant import calibrate, percentile, recipe, smoothquant, tune
+from trt_sdxl.denoising import Conditioning, time_ids
+from trt_sdxl.calibration import calibrate, tune
+from trt_sdxl.quant import percentile, recipe, smoothquant
 from trt_sdxl.quant.percentile import AmaxRule
 from trt_sdxl.quant.plan import QuantPlan
 from trt_sdxl.quant.table import CalibrationTable
+from trt_sdxl.unet_config import UNetConfig
 
 LATENT = 8
 RUN = dict(scheduler="euler", steps=6, cfg=5.0, latent_shape=(4, LATENT, LATENT))
@@ -45,7 +47,7 @@ def define(component, precision="fp16", **kw):
 
 
 def calibrated(component, prompts=6):
-    cfg = unet.parse_config(component.config)
+    cfg = UNetConfig.parse(component.config)
     cal = define(component, calibration_taps=True)
     table = calibrate.run_calibration(NetexecExecutor(cal), random_encoder(cfg), [f"calibration {i}" for i in
                                       range(prompts)], steps=RUN["steps"], latent_shape=RUN["latent_shape"],
@@ -116,7 +118,7 @@ def test_smoothing_folds_are_exact(tiny, fmt):
     plan = smoothed_net.definition.quant
     assert plan.norm_divisors and plan.row_divisors, "no fold was exercised"
     if fmt == "fp8":  # proj_out and attn2 k/v have no producer to fold into
-        assert plan.smoothing_muls > 0
+        assert smoothed_net.definition.smoothing_muls > 0
 
 
 # ---------------------------------------------------------------- Q/DQ placement
@@ -212,7 +214,7 @@ def test_tuned_int8_halves_plain_max_error_on_outlier_model(tmp_path):
 @pytest.mark.parametrize("fmt,target", [("int8", "SM86"), ("int8", "SM89"), ("fp8", "SM89"), ("fp8", "SM120")])
 def test_quantized_unet_aot_build(tiny, fmt, target):
     """A real TensorRT builder accepts every Q/DQ placement (and FP8 attention) of both recipes."""
-    from trt_sdxl.build import build_engine
+    from trt_sdxl.engines import build_engine
 
     component, table, _ = tiny
     net = define(component, fmt, calibration=table, quant_options={
@@ -224,14 +226,15 @@ def test_quantized_unet_aot_build(tiny, fmt, target):
 def test_full_size_calibration_without_a_gpu_is_refused_with_the_way_out():
     from types import SimpleNamespace
 
-    from trt_sdxl.quant import workflow
+    from trt_sdxl.calibration import workflow
     from trt_sdxl.runtime import cuda
 
     if cuda.probe()[0] > 0:
         pytest.skip("a GPU is present: calibration would run on it")
     full_size = SimpleNamespace(weight_bytes=5 * 2**30)
     with pytest.raises(UserError, match=r"5\.0 GiB UNet needs a GPU.*--calibration FILE"):
-        workflow.default_factory("model", full_size, "int8", 1, 128, 128)
+        workflow.check_can_calibrate("weights/tiny-sdxl", full_size, "int8", None)
+    workflow.check_can_calibrate("weights/tiny-sdxl", full_size, "int8", "table.npz")  # a table needs no GPU
 
 
 def test_saved_table_has_a_plain_file_mode(tiny, tmp_path):
@@ -246,9 +249,9 @@ def test_saved_table_has_a_plain_file_mode(tiny, tmp_path):
 
 
 def test_8bit_from_a_single_file_needs_a_table(tiny, tmp_path):
-    from trt_sdxl.quant import workflow
+    from trt_sdxl.calibration import workflow
 
     component, _, _ = tiny
     single = tiny_models.make_single_file("weights/tiny-sdxl/unet", tmp_path / "sdxl.safetensors")
     with pytest.raises(UserError, match="needs the tokenizers of a diffusers pipeline folder.*--calibration FILE"):
-        workflow.calibrate_and_tune(single, component, "int8", height=64, width=64, table_path=tmp_path / "t.npz")
+        workflow.calibrate_and_tune(single, component, "int8", height=64, width=64)

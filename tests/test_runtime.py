@@ -19,8 +19,9 @@ import pytest
 
 from trt_sdxl import backend, kernels
 from trt_sdxl.errors import UserError
-from trt_sdxl.pipeline import Conditioning, Pipeline, seeded_latents, seeded_step_noise
-from trt_sdxl.runtime import cuda
+from trt_sdxl.denoising import Conditioning, seeded_latents, seeded_step_noise
+from trt_sdxl.pipeline import Pipeline
+from trt_sdxl.runtime import cuda, nvrtc
 
 BUDGET = 1e-2
 
@@ -48,7 +49,7 @@ def test_engine_dtypes_are_tensorrt_types():
         trt = backend.trt()
     except UserError as e:
         pytest.skip(str(e))
-    from trt_sdxl.runtime.engine import NUMPY_DTYPES
+    from trt_sdxl.dtypes import NUMPY as NUMPY_DTYPES
 
     missing = set(NUMPY_DTYPES) - set(trt.DataType.__members__)
     assert not missing, f"not TensorRT data types: {missing}"
@@ -64,7 +65,7 @@ def gpu(tmp_path_factory):
     if not count:
         pytest.skip(reason)
     mp = pytest.MonkeyPatch()
-    mp.setenv(kernels.CACHE_ENV, str(tmp_path_factory.mktemp("kernels")))
+    mp.setenv(nvrtc.CACHE_ENV, str(tmp_path_factory.mktemp("kernels")))
     device = cuda.Device.open()
     library = cuda.KernelLibrary(device)
     stream = cuda.Stream()
@@ -425,8 +426,8 @@ def test_graph_denoiser_on_a_simulated_driver(tiny_folder, tmp_path, monkeypatch
 
     driver = SimulatedDriver()
     monkeypatch.setattr(cuda, "cu", driver)
-    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "kernels"))
-    monkeypatch.setattr(kernels, "compile_all", lambda arch: {name: types.SimpleNamespace(
+    monkeypatch.setenv(nvrtc.CACHE_ENV, str(tmp_path / "kernels"))
+    monkeypatch.setattr(nvrtc, "compile_all", lambda arch: {name: types.SimpleNamespace(
         kernel=k, image=b"") for name, k in kernels.KERNELS.items()})
     folder = tiny_folder
     steps, seed, cfg, shape = 3, 99, 6.0, (1, 4, 8, 8)

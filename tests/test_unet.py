@@ -17,6 +17,7 @@ import torch
 from trt_sdxl import netexec, weights
 from trt_sdxl.errors import UserError
 from trt_sdxl.models import unet
+from trt_sdxl.unet_config import UNetConfig
 
 BUDGET = 1e-2
 
@@ -41,7 +42,7 @@ def saved(tmp_path_factory):
     return out
 
 
-def inputs_for(cfg: unet.UNetConfig, batch, h, w, timesteps, seed=0):
+def inputs_for(cfg: UNetConfig, batch, h, w, timesteps, seed=0):
     rng = np.random.default_rng(seed)
     ids = [128.0 * 8, 96.0 * 8, 0.0, 16.0, 1024.0, 768.0][: cfg.num_time_ids]
     return {
@@ -79,7 +80,7 @@ def test_unet_matches_diffusers(saved, name, batch, h, w, timesteps, layout):
     else:  # a tiny single file is not SDXL-sized: give it its config, as a fine-tune's own config would be
         component = weights.open_component(single, "unet", config=dict(model.config))
     reads = count_reads(component)
-    cfg = unet.parse_config(component.config)
+    cfg = UNetConfig.parse(component.config)
     feeds = inputs_for(cfg, batch, h, w, timesteps)
     out, net = ours(component, batch, h, w, feeds)
     ref = diffusers_forward(model, feeds)
@@ -104,7 +105,7 @@ def test_unsupported_config_is_a_clear_error():
     cfg = dict(tiny_models.TINY_UNET_CONFIGS["sdxl_like"])
     cfg["use_linear_projection"] = False
     with pytest.raises(UserError, match="use_linear_projection=False is not supported"):
-        unet.parse_config(cfg)
+        UNetConfig.parse(cfg)
 
 
 def test_latent_size_must_fit_the_downsampling(saved):

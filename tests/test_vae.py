@@ -20,7 +20,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from trt_sdxl import build, netexec, weights
+from trt_sdxl import engines, netexec, weights
 from trt_sdxl.errors import UserError
 from trt_sdxl.models import vae
 
@@ -103,7 +103,7 @@ def test_fp16_warns_only_for_force_upcast_configs(saved):
 def test_tiny_vae_aot_build(saved, precision):
     name = "fp16_fix" if precision == "fp16" else "sdxl"
     net = vae.define(saved[name][0], precision=precision, batch=2, latent_height=8, latent_width=12)
-    engine, seconds = build.build_engine(net.definition, "SM89")
+    engine, seconds = engines.build_engine(net.definition, "SM89")
     assert engine.nbytes > 100_000, f"{precision}: engine of {engine.nbytes} bytes"
 
 

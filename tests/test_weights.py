@@ -18,6 +18,7 @@ import tiny_models
 import tiny_single_file
 import tiny_vae
 from trt_sdxl import configs, keymap, weights
+from trt_sdxl.unet_config import UNetConfig
 from trt_sdxl.errors import UserError
 
 
@@ -122,7 +123,7 @@ def test_single_file_exposes_diffusers_names(tmp_path, unet_folder, reference):
     unet = weights.open_component(single, "unet", config=config)
     assert unet.source == str(single)
     assert_same_tensors(unet, reference)
-    weights.check_unet_config(unet)
+    UNetConfig.parse(unet.config).check_weights(unet)
     with pytest.raises(UserError) as error:
         unet.get("conv_in.weight", shape=(1, 2, 3, 3))
     assert "tiny.safetensors: tensor 'conv_in.weight' (stored as 'model.diffusion_model.input_blocks.0.0.weight')" \
@@ -475,7 +476,7 @@ def test_config_that_disagrees_with_shapes(unet_folder, key, value, tensor, foun
     unet = weights.open_component(unet_folder, "unet")
     unet.config = {**unet.config, key: value}
     with pytest.raises(UserError) as error:
-        weights.check_unet_config(unet)
+        UNetConfig.parse(unet.config).check_weights(unet)
     message = str(error.value)
     assert str(unet_folder) in message and f"'{tensor}'" in message and "says" in message
     assert f"{value if not isinstance(value, list) else value[1]}" in message and f" {found}" in message
@@ -492,7 +493,7 @@ def test_config_that_disagrees_with_structure(unet_folder, key, value, expected)
     unet = weights.open_component(unet_folder, "unet")
     unet.config = {**unet.config, key: value}
     with pytest.raises(UserError, match=expected):
-        weights.check_unet_config(unet)
+        UNetConfig.parse(unet.config).check_weights(unet)
 
 
 # ---------------------------------------------------------------- packaged configs

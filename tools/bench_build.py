@@ -129,7 +129,8 @@ def write_random_component(root: Path, component: str) -> Path:
 def measure(model: str, component: str, target: str, build: bool, height: int, width: int) -> dict:
     """The stages of one component's build, timed, with peak RSS after each."""
     from trt_sdxl import backend, weights
-    from trt_sdxl.build import build_engine, define_component
+    from trt_sdxl.build import define_component
+    from trt_sdxl.engines import build_engine
 
     result: dict = {"precision": PRECISION[component], "batch": 1}
     t0 = time.perf_counter()

@@ -26,10 +26,10 @@ import tiny_models  # noqa: E402
 from trt_sdxl import weights  # noqa: E402
 from trt_sdxl.executors import NetexecExecutor  # noqa: E402
 from trt_sdxl.models import unet  # noqa: E402
-from trt_sdxl.quant import calibrate, tune  # noqa: E402
+from trt_sdxl.calibration import calibrate, tune  # noqa: E402
 from trt_sdxl.quant.percentile import AmaxRule  # noqa: E402
-from trt_sdxl.quant.prompts import CALIBRATION_PROMPTS  # noqa: E402
-from trt_sdxl.quant.workflow import netexec_factory, text_conditioning  # noqa: E402
+from trt_sdxl.calibration.prompts import CALIBRATION_PROMPTS  # noqa: E402
+from trt_sdxl.calibration.workflow import netexec_factory, text_conditioning  # noqa: E402
 
 TINY = REPO / "weights" / "tiny-sdxl"
 LATENT, STEPS = 8, 8

@@ -105,16 +105,20 @@ class Backend:
             return network.add_normalization_v2(x, scale, bias, axes_mask)
         return network.add_normalization(x, scale, bias, axes_mask)
 
-    def set_target(self, config, target: str) -> None:
-        """Ask the builder config for an ahead-of-time build for `target` ('SM89'); no-op for 'native'."""
-        if target == "native":
-            return
-        trt = self.module
+    def check_target(self, target: str) -> None:
+        """UserError unless this backend can build ahead of time for `target` ('SM89')."""
         if target not in self.aot_targets:
             raise UserError(
                 f"--target {target}: {self.name} {self.version} cannot build ahead of time for it; "
                 f"it can build for: {', '.join(self.aot_targets) or 'only the GPU present'}"
             )
+
+    def set_target(self, config, target: str) -> None:
+        """Ask the builder config for an ahead-of-time build for `target` ('SM89'); no-op for 'native'."""
+        if target == "native":
+            return
+        trt = self.module
+        self.check_target(target)
         config.num_compute_capabilities = 1
         config.set_compute_capability(getattr(trt.ComputeCapability, target), 0)
 

@@ -16,49 +16,49 @@ classifier-free guidance as one call on the uncond and cond halves, so its engin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, backend
+from . import backend
+from .version import __version__
+from .components import COMPONENTS, DEFAULT_MODEL, ENCODERS, TOKENIZER_FOLDERS
+from .engines import build_engine, check_target_takes, choose_target, engine_filename, tensor_specs
 from .errors import UserError, run_cli
-from .files import write_json, write_temporary
+from .executors import NETEXEC_MAX_UNET_BYTES
+from .files import load_json, write_json, write_temporary
+from .log import logger
+from .unet_config import UNetConfig, check_image_size
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny-sdxl"
 DEFAULT_OUT = Path("engines")
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")  # in the order the pipeline runs them
-ENCODERS = {"text_encoder": 1, "text_encoder_2": 2}
 PRECISIONS = ("fp16", "int8", "fp8")  # the UNet's
-FP8_MIN_SM = 89
 TEXT_PRECISION = "fp16"
-BF16_MIN_SM = 80  # bfloat16 arithmetic starts with Ampere (SM 8.0)
+MODEL_FOLDER = "model"  # the model copy inside an engines folder
+CALIBRATION_FILE = "calibration.npz"
+log = logger("trt_sdxl.build")
 
 
-def log(message: str) -> None:
-    print(f"[trt_sdxl.build] {message}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- files
-
-
-def read_json(path: Path) -> dict:
-    if not path.exists():
-        return {}
+def read_manifest(path: Path) -> dict:
+    """An earlier build's manifest or report to update; an unreadable one is replaced, not merged."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        # An unreadable manifest from an older build is replaced, not merged.
+        found = load_json(path, missing={})
+    except UserError:
         return {}
+    return found if isinstance(found, dict) else {}
 
 
-def engine_filename(component: str, precision: str, target: str) -> str:
-    return f"{component}.{precision}.{backend.get().tag}.{target.lower()}.plan"
+def check_output_folder(out: Path) -> None:
+    """`--out` must be (or become) a writable folder: checked before any work starts."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; expected a folder for the engines")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {existing or out} is not a writable folder")
 
 
 # ---------------------------------------------------------------- what to build
@@ -80,32 +80,19 @@ def check_precisions(precision: str, vae_precision: str) -> None:
 
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
-    if vae_precision not in vae.PRECISIONS:
-        raise UserError(f"--vae-precision {vae_precision}: expected one of {', '.join(vae.PRECISIONS)} "
-                        "(the VAE is not quantized)")
-
-
-def check_target_takes(target: str, vae_precision: str, precision: str = "fp16") -> None:
-    """bfloat16 engines need an SM 8.0+ target (the builder's own error for SM75 is a compiler message);
-    FP8 needs SM 8.9+ (Ada, Hopper, Blackwell tensor cores)."""
-    if precision == "fp8" and target.startswith("SM") and int(target[2:]) < FP8_MIN_SM:
-        raise UserError(f"--precision fp8: {target} has no FP8 tensor cores (they need SM{FP8_MIN_SM} or newer); "
-                        "use --precision int8 for this GPU")
-    if vae_precision == "bf16" and target.startswith("SM") and int(target[2:]) < BF16_MIN_SM:
-        raise UserError(f"--vae-precision bf16: {target} has no bfloat16 (it needs SM{BF16_MIN_SM} or newer); "
-                        "use --vae-precision fp32")
+    vae.check_precision(vae_precision)
 
 
 def check_tokenizer(model, component: str, checkpoint) -> str | None:
     """The folder of the tokenizer that feeds text encoder `component`, checked: it opens, and its
     ids index the encoder's token embedding table. None when `model` is not a pipeline folder (a
     single file or the encoder's own folder carries no tokenizer)."""
-    from .tokenizer import FOLDERS, open_tokenizer
+    from .tokenizer import open_tokenizer
 
     encoder = ENCODERS[component]
     folder = Path(model).expanduser()
-    if not (folder.is_dir() and ((folder / "model_index.json").is_file() or (folder / FOLDERS[encoder]).is_dir())):
-        log(f"{component}: {model} carries no {FOLDERS[encoder]}/; the pipeline will need SDXL's")
+    if not (folder.is_dir() and ((folder / "model_index.json").is_file() or (folder / TOKENIZER_FOLDERS[encoder]).is_dir())):
+        log(f"{component}: {model} carries no {TOKENIZER_FOLDERS[encoder]}/; the pipeline will need SDXL's")
         return None
     tokenizer = open_tokenizer(folder, encoder)
     rows = checkpoint.shape("text_model.embeddings.token_embedding.weight")[0]
@@ -117,21 +104,20 @@ def check_tokenizer(model, component: str, checkpoint) -> str | None:
 
 
 def image_size(model, jobs: dict, height: int | None, width: int | None) -> tuple[int, int]:
-    """Default image side: the UNet config's sample_size in pixels (1024 for SDXL, 128 for the tiny
-    default); for a checkpoint without a UNet, the VAE config's sample_size (SDXL's is the image side)."""
+    """(height, width) in pixels, checked: the UNet's sides must be multiples of 8 x its downsampling
+    (32 for SDXL); default, the UNet config's sample_size in pixels (1024 for SDXL). For a build
+    without the UNet, multiples of 8 and the VAE config's sample_size (SDXL's is the image side)."""
     from . import weights
-    from .models import unet as unet_model
 
-    if height and width:
-        return height, width
     try:
         unet = jobs["unet"].checkpoint if "unet" in jobs else weights.open_component(model, "unet")
-        side = unet_model.default_image_side(unet.config)
+        cfg = UNetConfig.parse(unet.config)
+        multiple, side = cfg.image_multiple, cfg.default_image_side
     except UserError:
         if "vae" not in jobs:
             raise
-        side = int(jobs["vae"].checkpoint.config.get("sample_size", 1024))
-    return height or side, width or side
+        multiple, side = 8, int(jobs["vae"].checkpoint.config.get("sample_size", 1024))
+    return check_image_size(height, width, multiple, side)
 
 
 def check_vae_upscale(checkpoint) -> None:
@@ -143,93 +129,6 @@ def check_vae_upscale(checkpoint) -> None:
                         "SDXL's UNet latents are 1/8 of the image (expected 4 VAE blocks)")
 
 
-# ---------------------------------------------------------------- target
-
-
-def present_gpu_target() -> str | None:
-    """'SM89'-style name of the first GPU, from nvidia-smi; None without a GPU."""
-    exe = shutil.which("nvidia-smi")
-    if not exe:
-        return None
-    try:
-        out = subprocess.run([exe, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20, check=True).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return "SM" + out[0].replace(".", "") if out else None
-
-
-def choose_target(requested: str | None) -> str:
-    be = backend.get()
-    if requested:
-        requested = requested.upper() if requested.lower() != "native" else "native"
-        if requested != "native" and not requested.startswith("SM"):
-            raise UserError(f"--target {requested}: expected e.g. SM89, SM120 or native")
-        if requested != "native" and requested not in be.aot_targets:
-            raise UserError(f"--target {requested}: {be.name} {be.version} cannot build ahead of time for it; "
-                            f"it can build for: {', '.join(be.aot_targets) or 'only the GPU present'}")
-        return requested
-    gpu = present_gpu_target()
-    if gpu:
-        return gpu if gpu in be.aot_targets else "native"
-    if "SM89" in be.aot_targets:
-        return "SM89"
-    raise UserError(f"no GPU found and {be.name} {be.version} cannot build ahead of time; pass --target or "
-                    "run on a machine with the target GPU")
-
-
-# ---------------------------------------------------------------- building
-
-
-class _Progress:
-    """Prints the builder's phases (TensorRT IProgressMonitor), at most a few lines per second."""
-
-    @staticmethod
-    def attach(config) -> None:
-        trt = backend.trt()
-        if not hasattr(trt, "IProgressMonitor") or not hasattr(config, "progress_monitor"):
-            return
-
-        class Monitor(trt.IProgressMonitor):
-            def __init__(self):
-                trt.IProgressMonitor.__init__(self)
-                self.last = 0.0
-
-            def phase_start(self, phase_name, parent_phase, num_steps):
-                if parent_phase is None:
-                    log(f"  build phase: {phase_name}")
-
-            def step_complete(self, phase_name, step):
-                return True
-
-            def phase_finish(self, phase_name):
-                pass
-
-        config.progress_monitor = Monitor()
-
-
-def build_engine(definition, target: str) -> tuple[bytes, float]:
-    """Serialize the network for `target`; returns the engine bytes and the seconds it took."""
-    be = backend.get()
-    config = definition.builder.create_builder_config()
-    be.set_target(config, target)
-    _Progress.attach(config)
-    start = time.perf_counter()
-    serialized = definition.builder.build_serialized_network(definition.network, config)
-    seconds = time.perf_counter() - start
-    if serialized is None:
-        raise UserError(f"{be.name} {be.version} could not build the network for {target} "
-                        "(the builder's messages above say why)")
-    return serialized, seconds
-
-
-def tensor_specs(network, which: str) -> list[dict]:
-    count = network.num_inputs if which == "inputs" else network.num_outputs
-    get = network.get_input if which == "inputs" else network.get_output
-    return [{"name": t.name, "shape": list(t.shape), "dtype": str(t.dtype).split(".")[-1].lower()}
-            for t in (get(i) for i in range(count))]
-
-
 def report_entry(definition, seconds: float) -> dict:
     macs = definition.macs
     plan = definition.quant
@@ -238,7 +137,7 @@ def report_entry(definition, seconds: float) -> dict:
         "macs_8bit": int(sum(m.macs for m in macs if m.quantized)),
         "layers": int(definition.network.num_layers),
         "layers_quantized": int(sum(1 for m in macs if m.quantized)),
-        "smoothing_muls": int(plan.smoothing_muls) if plan is not None else 0,
+        "smoothing_muls": int(definition.smoothing_muls),
         "build_seconds": round(seconds, 2),
     }
     if plan is not None:
@@ -326,7 +225,7 @@ def manifest_entry(job: EngineJob, file: str, target: str, batch: int, height: i
         "cfg_batch": 2 * batch,  # the UNet's batch: uncond + cond
     }
     if job.component in ENCODERS:
-        entry["tokenizer"] = job.tokenizer
+        entry["tokenizer"] = f"{MODEL_FOLDER}/{TOKENIZER_FOLDERS[ENCODERS[job.component]]}" if job.tokenizer else None
     else:
         entry.update({"image_height": height, "image_width": width})
     entry.update({
@@ -336,6 +235,68 @@ def manifest_entry(job: EngineJob, file: str, target: str, batch: int, height: i
         "checkpoint_fingerprint": job.checkpoint.fingerprint(),
     })
     return entry
+
+
+def model_copy(model, jobs: dict[str, EngineJob]) -> tuple[dict[str, Path | dict], bool]:
+    """What the engines folder keeps of the model, so that it can be used without the checkpoint:
+    relative path (under model/) -> source file, or a config dict to write. The pipeline's
+    model_index.json, scheduler config and tokenizers; each built component's config; and, when the
+    UNet is small enough for the CPU preview (netexec), each built component's weight files byte for
+    byte (so their fingerprints, and the calibration table's, still match). Second value: whether
+    the weights are in."""
+    folder = Path(model).expanduser()
+    files: dict[str, Path | dict] = {}
+    if folder.is_dir():
+        for rel in ("model_index.json", "scheduler/scheduler_config.json"):
+            if (folder / rel).is_file():
+                files[rel] = folder / rel
+        for tokenizer in TOKENIZER_FOLDERS.values():
+            if (folder / tokenizer).is_dir():
+                files.update({f"{tokenizer}/{f.name}": f for f in sorted((folder / tokenizer).iterdir()) if f.is_file()})
+    unet = jobs.get("unet")
+    weights_in = folder.is_dir() and (unet is None or unet.checkpoint.weight_bytes <= NETEXEC_MAX_UNET_BYTES)
+    for component, job in jobs.items():
+        source = Path(job.checkpoint.source)
+        if not source.is_dir():  # a single file: its packaged config only
+            files[f"{component}/config.json"] = job.checkpoint.config
+            weights_in = False
+            continue
+        files[f"{component}/config.json"] = source / "config.json" if (source / "config.json").is_file() \
+            else job.checkpoint.config
+        if weights_in:
+            for f in job.checkpoint.files:
+                files[f"{component}/{f.path.name}"] = f.path
+            files.update({f"{component}/{f.name}": f for f in source.glob("*.safetensors.index*.json")})
+    return files, weights_in
+
+
+def stage_model_copy(files: dict[str, Path | dict], out: Path) -> Path:
+    """The model copy written into a hidden temporary folder inside `out`; renamed into place later."""
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_FOLDER}.", suffix=".tmp", dir=out))
+    for rel, source in files.items():
+        target = staging / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(source, dict):
+            write_json(target, source)
+        else:
+            shutil.copyfile(source, target)
+    return staging
+
+
+def commit_model_copy(staging: Path, out: Path) -> None:
+    """Each staged top-level entry replaces its counterpart under out/model/ (other components'
+    copies from earlier builds stay)."""
+    final = out / MODEL_FOLDER
+    final.mkdir(exist_ok=True)
+    for entry in sorted(staging.iterdir()):
+        target = final / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        os.replace(entry, target)
+    staging.rmdir()
 
 
 def warn_mixed_builds(manifest: dict, built, batch: int, target: str, height: int, width: int) -> None:
@@ -357,10 +318,14 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
           vae_precision: str = "fp32", calibration: str | None = None, calibration_prompts: str | None = None,
           calibration_steps: int = 20) -> dict:
     """Build the engines of `components`; returns the manifest written to `out/manifest.json`."""
+    out = Path(out)
+    check_output_folder(out)
     components = parse_components(components)
     check_precisions(precision, vae_precision)
     if batch < 1:
         raise UserError(f"--batch {batch}: expected a positive integer")
+    if calibration_steps < 1:
+        raise UserError(f"--calibration-steps {calibration_steps}: expected a positive integer")
     be = backend.get()
     target = choose_target(target)
     check_target_takes(target, vae_precision if "vae" in components else "fp32",
@@ -372,13 +337,13 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
     # Everything a user can get wrong is found before the builder runs.
     jobs = plan_engines(model, components, precision, vae_precision, batch)
     height, width = image_size(model, jobs, height, width) if {"unet", "vae"} & jobs.keys() else (0, 0)
-    if height % 8 or width % 8 or height < 0 or width < 0:
-        raise UserError(f"--height {height} --width {width}: image sides must be positive multiples of 8")
     if height:
         log(f"image {width}x{height} (latent {width // 8}x{height // 8})")
-    if calibration_steps < 1:
-        raise UserError(f"--calibration-steps {calibration_steps}: expected a positive integer")
     eight_bit = "unet" in jobs and precision in ("int8", "fp8")
+    if eight_bit:
+        from .calibration.workflow import check_can_calibrate
+
+        check_can_calibrate(model, jobs["unet"].checkpoint, precision, calibration)
 
     def define(job: EngineJob, precision: str, table=None):
         start = time.perf_counter()
@@ -391,42 +356,60 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
     # 8-bit UNet's calibration starts: a broken component must not wait for it.
     for job in jobs.values():
         define(job, "fp16" if job.component == "unet" and eight_bit else job.precision)
+    table = None
     if eight_bit:
-        from .quant.workflow import calibrate_and_tune
+        from .calibration.workflow import calibrate_and_tune
 
         table = calibrate_and_tune(model, jobs["unet"].checkpoint, precision, height=height, width=width,
-                                   table_path=Path(out) / "calibration.npz", calibration=calibration,
-                                   prompts_file=calibration_prompts, steps=calibration_steps)
+                                   calibration=calibration, prompts_file=calibration_prompts,
+                                   steps=calibration_steps, log=log)
         define(jobs["unet"], precision, table)
 
-    out = Path(out)
-    manifest = read_json(out / "manifest.json")
+    manifest = read_manifest(out / "manifest.json")
     manifest.update({"trt_sdxl_version": __version__, "backend": be.name, "backend_version": be.version})
     manifest.setdefault("engines", {})
-    report = read_json(out / "build_report.json")
-    staged: dict[str, Path] = {}  # final engine name -> its temporary file, renamed once all are built
+    report = read_manifest(out / "build_report.json")
+    copied, weights_in = model_copy(model, jobs)
+    staged: dict[str, Path] = {}  # final file name -> its temporary file, renamed once all engines are built
+    staging = None
     try:
         for i, job in enumerate(jobs.values(), start=1):
             step = f"[{i}/{len(jobs)}] {job.component}"
             log(f"{step}: building for {target}")
-            engine, seconds = build_engine(job.network.definition, target)
+            engine, seconds = build_engine(job.network.definition, target, log)
             name = engine_filename(job.component, job.precision, target)
             staged[name] = write_temporary(out / name, engine)
             log(f"{step}: built {name} ({engine.nbytes / 2**20:.1f} MiB, {seconds:.1f} s)")
             manifest["engines"][job.component] = manifest_entry(job, name, target, batch, height, width)
             report[job.component] = {"precision": job.precision, **report_entry(job.network.definition, seconds)}
             job.network = engine = None  # let the builder's memory go before the next engine
+        if table is not None:
+            staged[CALIBRATION_FILE] = write_temporary(out / CALIBRATION_FILE, table.to_bytes())
+        staging = stage_model_copy(copied, out)
         for name, tmp in list(staged.items()):
             os.replace(tmp, out / name)
             del staged[name]
             log(f"wrote {out / name}")
+        commit_model_copy(staging, out)
+        staging = None
     finally:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    if table is not None:
+        manifest["calibration"] = CALIBRATION_FILE
+    elif "unet" in jobs:
+        manifest.pop("calibration", None)
+    folder = Path(model).expanduser()
+    manifest.update({"model": MODEL_FOLDER, "model_name": folder.name if folder.is_dir() else folder.stem,
+                     "model_weights": weights_in and (manifest.get("model_weights", True) or set(jobs) == set(COMPONENTS))})
     warn_mixed_builds(manifest, jobs, batch, target, height, width)
     write_json(out / "build_report.json", report)
     write_json(out / "manifest.json", manifest)
-    log(f"manifest: {out / 'manifest.json'}")
+    log(f"manifest: {out / 'manifest.json'}; model copy: {out / MODEL_FOLDER}"
+        + ("" if weights_in else " (configs, tokenizers and scheduler only: the weights are too large for the CPU "
+                                 "preview)"))
     return manifest
 
 

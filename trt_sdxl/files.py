@@ -47,11 +47,21 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def load_json(path: Path, what: str | None = None):
-    """A JSON file a user gave us; any problem is a UserError naming the file (and `what` it should be)."""
+_REQUIRED = object()
+
+
+def load_json(path, what: str | None = None, missing=_REQUIRED):
+    """The one JSON reader: a file a user gave us (or package data: anything with `read_text`).
+
+    Any problem is a UserError naming the file (and `what` it should be). A file that does not
+    exist is an error, unless `missing` is given: then that value is returned instead.
+    """
+    path = Path(path) if isinstance(path, (str, os.PathLike)) else path
     expected = f"; expected {what}" if what else ""
-    if what is not None and not path.is_file():
-        raise UserError(f"{path}: missing (expected {what})")
+    if not path.is_file():
+        if missing is not _REQUIRED:
+            return missing
+        raise UserError(f"{path}: missing" + (f" (expected {what})" if what else ""))
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError
+from .unet_config import UNetConfig
 
 # Where each component lives in an SGM single-file checkpoint (SDXL base layout).
 SINGLE_FILE_PREFIXES = {
@@ -220,57 +221,6 @@ TRANSFORMER_BLOCK_MODULES = (
     "norm3", "ff.net.0.proj", "ff.net.2",
 )
 
-DOWN_BLOCKS = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}  # type -> has attentions
-UP_BLOCKS = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
-MID_BLOCKS = ("UNetMidBlock2DCrossAttn",)
-
-
-def per_block(value, n: int, key: str) -> tuple[int, ...]:
-    """A config value given as one integer or one integer per block, as a tuple of `n` integers."""
-    if isinstance(value, int):
-        return (value,) * n
-    values = tuple(value) if isinstance(value, (list, tuple)) else ()
-    if len(values) != n or not all(isinstance(v, int) for v in values):
-        raise UserError(f"unet config {key}={value!r}: expected one integer or {n} integers (one per block)")
-    return values
-
-
-def unet_layout(config: dict) -> dict:
-    """The UNet's block structure from its diffusers config.
-
-    Returns `layers` (resnets per down block), `down_attention` / `up_attention` (per block:
-    has transformers), and transformer depth per block: `down_depth`, `up_depth`, `mid_depth`.
-    """
-    down_types = tuple(config["down_block_types"])
-    up_types = tuple(config["up_block_types"])
-    n = len(config["block_out_channels"])
-    if len(down_types) != n or len(up_types) != n:
-        raise UserError(
-            f"unet config: {len(down_types)} down_block_types and {len(up_types)} up_block_types, "
-            f"expected one per block_out_channels entry ({n})"
-        )
-    for key, types, known in (("down_block_types", down_types, DOWN_BLOCKS), ("up_block_types", up_types, UP_BLOCKS)):
-        for b, kind in enumerate(types):
-            if kind not in known:
-                raise UserError(f"unet config {key}[{b}]={kind!r}: expected one of {', '.join(known)}")
-    mid_type = config.get("mid_block_type") or MID_BLOCKS[0]
-    if mid_type not in MID_BLOCKS:
-        raise UserError(f"unet config mid_block_type={mid_type!r}: expected {MID_BLOCKS[0]}")
-    down_depth = per_block(config.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
-    reverse = config.get("reverse_transformer_layers_per_block")
-    up_depth = (per_block(reverse, n, "reverse_transformer_layers_per_block") if reverse is not None
-                else down_depth[::-1])
-    return {
-        "layers": per_block(config.get("layers_per_block", 2), n, "layers_per_block"),
-        "down_attention": tuple(DOWN_BLOCKS[t] for t in down_types),
-        "up_attention": tuple(UP_BLOCKS[t] for t in up_types),
-        "down_depth": down_depth,
-        "up_depth": up_depth,
-        # diffusers builds the mid block with the last down block's depth.
-        "mid_depth": down_depth[-1],
-    }
-
-
 def _add_resnet(table: dict, sgm: str, diffusers: str) -> None:
     for s, d in RESNET_MODULES:
         table[f"{sgm}.{s}"] = f"{diffusers}.{d}"
@@ -286,8 +236,8 @@ def _add_transformer(table: dict, sgm: str, diffusers: str, depth: int) -> None:
 
 def unet_modules(config: dict) -> dict[str, str]:
     """sgm module name -> diffusers module name for every module of the UNet `config` describes."""
-    layout = unet_layout(config)
-    n = len(layout["layers"])
+    layout = UNetConfig.parse(config, strict=False)
+    n = layout.blocks
     table = dict(UNET_FIXED)
     if config.get("addition_embed_type") == "text_time":
         table.update(UNET_TEXT_TIME)
@@ -296,30 +246,30 @@ def unet_modules(config: dict) -> dict[str, str]:
     # layer, and one entry holding the downsampler, except after the last block.
     i = 1
     for b in range(n):
-        for j in range(layout["layers"][b]):
+        for j in range(layout.layers[b]):
             _add_resnet(table, f"input_blocks.{i}.0", f"down_blocks.{b}.resnets.{j}")
-            if layout["down_attention"][b]:
-                _add_transformer(table, f"input_blocks.{i}.1", f"down_blocks.{b}.attentions.{j}", layout["down_depth"][b])
+            if layout.down_attention[b]:
+                _add_transformer(table, f"input_blocks.{i}.1", f"down_blocks.{b}.attentions.{j}", layout.transformer_depth[b])
             i += 1
         if b < n - 1:
             table[f"input_blocks.{i}.0.op"] = f"down_blocks.{b}.downsamplers.0.conv"
             i += 1
 
     _add_resnet(table, "middle_block.0", "mid_block.resnets.0")
-    _add_transformer(table, "middle_block.1", "mid_block.attentions.0", layout["mid_depth"])
+    _add_transformer(table, "middle_block.1", "mid_block.attentions.0", layout.mid_depth)
     _add_resnet(table, "middle_block.2", "mid_block.resnets.1")
 
     # output_blocks: per up block one entry per layer (one more layer than the mirrored down
     # block, for the skip from its downsampler); the last entry of every block but the final
     # one also holds the upsampler, after the transformer if there is one.
-    up_layers = layout["layers"][::-1]
+    up_layers = layout.layers[::-1]
     i = 0
     for b in range(n):
         for j in range(up_layers[b] + 1):
             _add_resnet(table, f"output_blocks.{i}.0", f"up_blocks.{b}.resnets.{j}")
             slot = 1
-            if layout["up_attention"][b]:
-                _add_transformer(table, f"output_blocks.{i}.1", f"up_blocks.{b}.attentions.{j}", layout["up_depth"][b])
+            if layout.up_attention[b]:
+                _add_transformer(table, f"output_blocks.{i}.1", f"up_blocks.{b}.attentions.{j}", layout.transformer_depth_up[b])
                 slot = 2
             if b < n - 1 and j == up_layers[b]:
                 table[f"output_blocks.{i}.{slot}.conv"] = f"up_blocks.{b}.upsamplers.0.conv"

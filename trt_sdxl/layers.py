@@ -1,8 +1,9 @@
 """Free functions that add TensorRT layers to a network and return the output tensor.
 
 Every model (UNet, text encoders, VAE) is written with these functions only, so that
-weight binding, dtype handling, MAC accounting, calibration taps, SmoothQuant folding and
-Q/DQ insertion live in one place (the last three as `Definition.taps` / `.quant` ask). A
+weight binding, dtype handling, MAC accounting and all graph emission of quantization —
+calibration taps, SmoothQuant's folds and explicit multiplies, Q/DQ — live in one place (as
+`Definition.taps` / `.quant`, trt_sdxl.quant's plans, ask). A
 function that reads weights takes the checkpoint path of its module
 (`down_blocks.1.attentions.0.proj_in`) and binds `<path>.weight` / `<path>.bias` by name: a
 missing or mis-shaped tensor is an error, never a silent skip.
@@ -18,8 +19,9 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 
-from . import backend
+from . import backend, dtypes
 from .errors import UserError
+from .quant.recipe import QMAX
 
 # numpy dtype of the tensors a network computes in, by precision name
 COMPUTE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
@@ -56,7 +58,13 @@ class Definition:
     # (trt_sdxl.quant.plan.CalibrationTaps); the helpers below consult them, models never do.
     quant: object = None
     taps: object = None
+    # explicit SmoothQuant multiplies, one per (group, input tensor): the layers of a group share it
+    smoothing: dict[tuple[str, str], object] = field(default_factory=dict)
     _keep: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    @property
+    def smoothing_muls(self) -> int:
+        return len(self.smoothing)
 
     @property
     def dtype(self):
@@ -106,15 +114,7 @@ def new_definition(weights, precision: str = "fp16") -> Definition:
 
 
 def trt_dtype(np_dtype):
-    trt = backend.trt()
-    return {
-        np.dtype(np.float32): trt.float32,
-        np.dtype(np.float16): trt.float16,
-        np.dtype(ml_dtypes.bfloat16): trt.bfloat16,
-        np.dtype(np.int32): trt.int32,
-        np.dtype(np.int64): trt.int64,
-        np.dtype(np.bool_): trt.bool,
-    }[np.dtype(np_dtype)]
+    return dtypes.to_trt(np_dtype)
 
 
 def shape(x) -> tuple[int, ...]:
@@ -243,15 +243,48 @@ def quantize_dequantize(d: Definition, x, scale, fmt: str, axis: int | None = No
 def _quantized_weight(d: Definition, path: str, weight: np.ndarray):
     """A weight [O, ...] quantized per output channel (axis 0), dequantized to the compute dtype."""
     amax = np.abs(weight.astype(np.float32)).reshape(weight.shape[0], -1).max(axis=1)
-    from .quant.recipe import QMAX
-
     fmt = d.quant.format
     scale = np.maximum(amax, 1e-8) / QMAX[fmt]
     return quantize_dequantize(d, constant(d, weight, f"{path}.weight"), scale, fmt, axis=0, name=f"{path}.weight")
 
 
+def smooth_input(d: Definition, x, path: str):
+    """x / s by an explicit multiply where the plan has no fold for `path`'s input; the layers of
+    one smoothing group reading one tensor share the multiply."""
+    found = d.quant.explicit_smoothing(path)
+    if found is None:
+        return x
+    group, inverse = found
+    key = (group, x.name)
+    if key not in d.smoothing:
+        rank = len(x.shape)
+        channel_axis = 1 if rank == 4 else rank - 1  # NCHW convolution inputs, [..., C] linear inputs
+        inv = inverse.reshape([-1 if i == channel_axis else 1 for i in range(rank)])
+        d.smoothing[key] = mul(d, x, constant(d, inv.astype(d.dtype)), name=f"{group}.smooth")
+    return d.smoothing[key]
+
+
+def tap(d: Definition, x, path: str, channel_axis: int, sample_rows: bool) -> None:
+    """Calibration: the per-channel abs-max of x as output `amax:<path>` ([C], fp32), and for a
+    [B, S, C] linear input a few sampled token rows as `rows:<path>` ([B*R, C])."""
+    if d.taps is None or not d.taps.wants(path):
+        return
+    trt = backend.trt()
+    rank = len(x.shape)
+    axis = channel_axis % rank
+    mask = sum(1 << i for i in range(rank) if i != axis)
+    red = d.network.add_reduce(unary(d, x, "ABS"), trt.ReduceOperation.MAX, mask, False)
+    mark_output(d, red.get_output(0), f"amax:{path}", np.float32)  # [C]
+    if sample_rows and rank == 3:
+        b, s, c = x.shape
+        idx = d.taps.sample_positions(s)
+        rows = d.network.add_gather(x, constant(d, idx), 1).get_output(0)  # [B, R, C]
+        mark_output(d, reshape(d, rows, (b * len(idx), c)), f"rows:{path}", np.float32)
+    d.taps.add(path)
+
+
 def _quantized_input(d: Definition, x, path: str):
-    x = d.quant.smooth_input(d, x, path)
+    x = smooth_input(d, x, path)
     if not d.quant.qdq:
         return x
     return quantize_dequantize(d, x, d.quant.act_scale(path), d.quant.format, name=f"{path}.input")
@@ -261,8 +294,7 @@ def conv2d(d: Definition, x, path: str, out_channels: int, kernel: int, stride: 
            padding: int = 0, bias: bool = True):
     """Conv2d from `<path>.weight` [O, C, k, k] and `<path>.bias` [O]; x: [B, C, H, W]."""
     b, c, h, w = shape(x)
-    if d.taps is not None:
-        d.taps.observe(d, x, path, channel_axis=1, sample_rows=False)
+    tap(d, x, path, channel_axis=1, sample_rows=False)
     weight = d.param(f"{path}.weight", (out_channels, c, kernel, kernel))
     bias_array = d.param(f"{path}.bias", (out_channels,)) if bias else None
     quantized = d.quant is not None and d.quant.is_quantized(path) and d.quant.qdq
@@ -299,8 +331,7 @@ def linear(d: Definition, x, path: str, out_features: int, bias: bool = True, we
     """
     dims = shape(x)
     in_features = dims[-1]
-    if d.taps is not None:
-        d.taps.observe(d, x, path, channel_axis=-1, sample_rows=True)
+    tap(d, x, path, channel_axis=-1, sample_rows=True)
     weight = d.param(f"{path}.weight", (out_features, in_features))
     if weight_scale != 1.0:
         weight = d.keep((weight.astype(np.float32) * weight_scale).astype(d.weight_dtype))
@@ -434,8 +465,6 @@ def attention(d: Definition, q, k, v, name: str, causal: bool = False, probs_for
     mask = causal_mask(d, sq, sk, np_dtype) if causal else None
     probs_scale = None
     if probs_format is not None:
-        from .quant.recipe import QMAX
-
         probs_scale = 1.0 / QMAX[probs_format]
     if be.has_attention_layer:
         att = d.network.add_attention(q, k, v, trt.AttentionNormalizationOp.SOFTMAX, False)
@@ -476,9 +505,8 @@ def multi_head_attention(d: Definition, x, context, path: str, heads: int, qkv_b
     k = linear(d, context, nk, c, bias=qkv_bias)  # [B, T, C]
     v = linear(d, context, nv, c, bias=qkv_bias)  # [B, T, C]
     att = f"{path}.attention"
-    if d.taps is not None:
-        for part, tensor in (("q", q), ("k", k), ("v", v)):
-            d.taps.observe(d, tensor, f"{att}.{part}", channel_axis=-1, sample_rows=False)
+    for part, tensor in (("q", q), ("k", k), ("v", v)):
+        tap(d, tensor, f"{att}.{part}", channel_axis=-1, sample_rows=False)
     probs_format = None
     if d.quant is not None and d.quant.quantize_bmm and d.quant.has_stats(f"{att}.q"):
         probs_format = d.quant.format

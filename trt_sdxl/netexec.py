@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from . import backend
+from . import backend, dtypes
 
 FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn, 1.75 * 2^8
 _FLOAT_DTYPES = frozenset(
@@ -171,24 +171,8 @@ def _as_declared(array, tensor, producer: str):
     return array
 
 
-@functools.lru_cache(maxsize=None)
-def _dtype_table():
-    trt = backend.trt()
-    return {
-        trt.float32: np.dtype(np.float32),
-        trt.float16: np.dtype(np.float16),
-        trt.bfloat16: np.dtype(ml_dtypes.bfloat16),
-        trt.fp8: np.dtype(ml_dtypes.float8_e4m3fn),
-        trt.int8: np.dtype(np.int8),
-        trt.uint8: np.dtype(np.uint8),
-        trt.int32: np.dtype(np.int32),
-        trt.int64: np.dtype(np.int64),
-        trt.bool: np.dtype(np.bool_),
-    }
-
-
 def _np_dtype(trt_dtype, what) -> np.dtype:
-    dtype = _dtype_table().get(trt_dtype)
+    dtype = dtypes.to_numpy(trt_dtype)
     if dtype is None:
         raise NotImplementedError(f"netexec: {what!r} has type {trt_dtype.name}, which is not implemented")
     return dtype

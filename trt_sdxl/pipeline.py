@@ -2,132 +2,47 @@
 
 The pipeline runs on executors (`trt_sdxl.executors`): TensorRT engines on a GPU, or netexec
 on the CPU — the same code either way, which is what lets the CPU oracle test prove the loop
-against diffusers' StableDiffusionXLPipeline. The per-step arithmetic is the kernels' numpy
-twins (`trt_sdxl.kernels`: scale_cast, cfg_combine, scheduler_step, gaussian_noise,
-image_to_rgb8) driven by `denoising_steps`, the same per-step plan the GPU loop
-(`trt_sdxl.runtime.denoiser`) hands to the kernels themselves.
+against diffusers' StableDiffusionXLPipeline. The loop itself is trt_sdxl.denoising (the
+kernels' numpy twins driven by the per-step plan the GPU loop runs too).
 
-Noise: Philox4x32 keyed by the seed; stream 0 gives the initial latents, stream i + 1 the noise
-of denoising step i (`seeded_latents`, `seeded_step_noise`), so a seed gives the same image on
-the CPU and on any GPU (up to the kernels' few-ulp Box-Muller rounding).
+`ModelSettings` is what the pipeline reads from a model folder besides weights (scheduler
+config, VAE scaling factor, empty-prompt rule).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from . import kernels
+from .components import DEFAULT_SCALING_FACTOR
+from .denoising import Conditioning, denoise, run_batched, time_ids
 from .errors import UserError
-from .kernels import StepCoefficients
+from .files import load_json
 
 # The VAE image to uint8 RGB [B, H, W, 3], rounding as diffusers' numpy_to_pil does.
 to_uint8_rgb = kernels.image_to_rgb8
 
 
 @dataclass
-class Conditioning:
-    """What the UNet is conditioned on, for the uncond half then the cond half (CFG batch 2B)."""
+class ModelSettings:
+    """What the pipeline reads from a diffusers folder besides weights (defaults: SDXL base's)."""
 
-    context: np.ndarray  # [2B, 77, C1 + C2]  encoder_hidden_states
-    text_embeds: np.ndarray  # [2B, P]  pooled, projected text embedding of encoder 2
-    time_ids: np.ndarray  # [2B, 6]  original size, crop top-left, target size (pixels)
+    scheduler_config: dict | None
+    scaling_factor: float
+    force_zeros_for_empty_prompt: bool
 
-
-def time_ids(height: int, width: int, batch: int) -> np.ndarray:
-    """SDXL's micro-conditioning: (original h, w), crop (top, left) = (0, 0), target (h, w)."""
-    return np.tile(np.array([height, width, 0, 0, height, width], np.float32), (batch, 1))
-
-
-# ---------------------------------------------------------------- the per-step plan
-
-
-@dataclass(frozen=True)
-class DenoisingStep:
-    """One step as the kernels see it: the UNet gets `scale_cast(x, input_scale)` (both CFG halves)
-    and `timestep`; then `x, prev <- scheduler_step(x, eps, coefficients, prev, noise)`."""
-
-    index: int
-    timestep: float
-    input_scale: float  # the scheduler's scale_model_input as a factor
-    coefficients: StepCoefficients
-
-    @property
-    def adds_noise(self) -> bool:
-        return self.coefficients.d != 0.0
-
-
-def denoising_steps(scheduler) -> list[DenoisingStep]:
-    """The plan of a `trt_sdxl.schedulers` scheduler: per step, the UNet's timestep and input scale
-    and the coefficients of the linear update (formulas in kernels.StepCoefficients). A setting the
-    linear update cannot express is a UserError naming it."""
-    s = scheduler.settings
-    name, count = scheduler.name, scheduler.num_inference_steps
-    if s["prediction_type"] != "epsilon":
-        raise UserError(f"scheduler config: prediction_type={s['prediction_type']!r}: the denoising step kernel "
-                        "implements epsilon prediction (SDXL's) only")
-    if name == "ddim" and (scheduler.eta != 0 or s["clip_sample"]):
-        raise UserError("scheduler config: ddim with eta > 0 or clip_sample=true is not supported by the step kernel "
-                        "(SDXL's config has clip_sample false)")
-    if name == "dpmpp_2m_karras" and s["solver_type"] != "midpoint":
-        raise UserError(f"scheduler config: solver_type={s['solver_type']!r}: dpmpp_2m_karras supports 'midpoint'")
-    steps = []
-    for i, t in enumerate(scheduler.timesteps):
-        scale = 1.0
-        if name in ("euler", "euler_a"):
-            sigma, sigma_next = float(scheduler.sigmas[i]), float(scheduler.sigmas[i + 1])
-            scale = kernels.euler_input_scale(sigma)
-            make = StepCoefficients.euler if name == "euler" else StepCoefficients.euler_ancestral
-            coefficients = make(sigma, sigma_next)
-        elif name == "dpmpp_2m_karras":
-            sigma, sigma_next = float(scheduler.sigmas[i]), float(scheduler.sigmas[i + 1])
-            last = i == count - 1
-            # as DPMSolverPP2MKarras.step: first order without history, at a lower-order final
-            # step, and where sigma does not move (h = 0)
-            first_order = i == 0 or sigma_next == sigma or last and (
-                s["euler_at_final"] or (s["lower_order_final"] and count < 15) or s["final_sigmas_type"] == "zero")
-            coefficients = StepCoefficients.dpmpp_2m(sigma, sigma_next,
-                                                     None if first_order else float(scheduler.sigmas[i - 1]))
-        elif name == "ddim":
-            prev_t = int(t) - s["num_train_timesteps"] // count
-            alpha_prev = float(scheduler.alphas_cumprod[prev_t]) if prev_t >= 0 else scheduler.final_alpha_cumprod
-            coefficients = StepCoefficients.ddim(float(scheduler.alphas_cumprod[int(t)]), alpha_prev)
-        else:
-            raise UserError(f"scheduler {name!r} has no denoising step plan")
-        steps.append(DenoisingStep(i, float(t), scale, coefficients))
-    return steps
-
-
-def seeded_latents(seed: int, shape: tuple[int, ...], init_noise_sigma: float) -> np.ndarray:
-    """The initial latents: Philox stream 0 of `seed`, times the scheduler's init_noise_sigma."""
-    return kernels.gaussian_noise(seed, 0, shape, scale=init_noise_sigma)
-
-
-def seeded_step_noise(seed: int, shape: tuple[int, ...]) -> Callable[[int], np.ndarray]:
-    """The standard normal draw of denoising step i: Philox stream i + 1 of `seed`."""
-    return lambda step: kernels.gaussian_noise(seed, step + 1, shape)
-
-
-def run_batched(executor, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`executor.run` on feeds with more (or fewer) rows than the batch the executor takes: in
-    slices of its batch, the last one padded with copies of its final row; outputs cut and joined."""
-    rows = len(next(iter(feeds.values())))
-    size = executor.inputs[next(iter(feeds))][0][0]
-    if rows == size:
-        return executor.run(feeds)
-    parts = []
-    for start in range(0, rows, size):
-        chunk = {k: v[start:start + size] for k, v in feeds.items()}
-        used = len(next(iter(chunk.values())))
-        chunk = {k: np.concatenate([v, np.repeat(v[-1:], size - used, axis=0)]) for k, v in chunk.items()}
-        out = executor.run(chunk)
-        for k, v in out.items():
-            if len(v) != size:
-                raise ValueError(f"output {k!r} is not batched ({v.shape}): run the network at batch {rows}")
-        parts.append({k: v[:used] for k, v in out.items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    @classmethod
+    def read(cls, folder: Path) -> ModelSettings:
+        folder = Path(folder)
+        scheduler = load_json(folder / "scheduler" / "scheduler_config.json", missing={}) or None
+        vae = load_json(folder / "vae" / "config.json", missing={})
+        index = load_json(folder / "model_index.json", missing={})
+        return cls(scheduler, float(vae.get("scaling_factor", DEFAULT_SCALING_FACTOR)),
+                   bool(index.get("force_zeros_for_empty_prompt", True)))
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -137,7 +52,7 @@ class Pipeline:
     """SDXL base text-to-image over four executors and two tokenizers."""
 
     def __init__(self, text_encoder, text_encoder_2, unet, vae, tokenizer, tokenizer_2, *,
-                 scaling_factor: float = 0.13025, force_zeros_for_empty_prompt: bool = True):
+                 scaling_factor: float = DEFAULT_SCALING_FACTOR, force_zeros_for_empty_prompt: bool = True):
         self.text_encoder = text_encoder
         self.text_encoder_2 = text_encoder_2
         self.unet = unet
@@ -149,25 +64,32 @@ class Pipeline:
 
     # ------------------------------------------------------------ text
 
-    def _encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        h1 = run_batched(self.text_encoder, {"input_ids": self.tokenizer.encode(prompts)})["hidden_states"]
-        out2 = run_batched(self.text_encoder_2, {"input_ids": self.tokenizer_2.encode(prompts)})
+    def _encode(self, prompts: list[str], on_truncate=None) -> tuple[np.ndarray, np.ndarray]:
+        ids1 = self.tokenizer.encode(prompts, on_truncate)
+        ids2 = self.tokenizer_2.encode(prompts, on_truncate)
+        h1 = run_batched(self.text_encoder, {"input_ids": ids1})["hidden_states"]
+        out2 = run_batched(self.text_encoder_2, {"input_ids": ids2})
         context = np.concatenate([h1.astype(np.float32), out2["hidden_states"].astype(np.float32)], axis=-1)
         return context, out2["text_embeds"].astype(np.float32)
 
     def encode_prompt(self, prompts: list[str], negatives: list[str] | None, height: int,
-                      width: int) -> Conditioning:
+                      width: int, log=None) -> Conditioning:
         """Conditioning for CFG. `negatives=None` means no negative prompt: with SDXL's
-        `force_zeros_for_empty_prompt` the uncond embeddings are zeros (as diffusers does)."""
+        `force_zeros_for_empty_prompt` the uncond embeddings are zeros (as diffusers does).
+        With `log`, a truncated prompt is one line through it, once per call (else a warning)."""
         b = len(prompts)
-        context, pooled = self._encode(prompts)
+        heard: list[str] = []
+        on_truncate = None if log is None else heard.append
+        context, pooled = self._encode(prompts, on_truncate)
         if negatives is None and self.force_zeros_for_empty_prompt:
             neg_context, neg_pooled = np.zeros_like(context), np.zeros_like(pooled)
         else:
             negatives = negatives if negatives is not None else [""] * b
             if len(negatives) != b:
                 raise UserError(f"{len(negatives)} negative prompts for {b} prompts: expected one per prompt")
-            neg_context, neg_pooled = self._encode(negatives)
+            neg_context, neg_pooled = self._encode(negatives, on_truncate)
+        if heard:
+            log(f"warning: {heard[0]}")
         return Conditioning(
             context=np.concatenate([neg_context, context]),
             text_embeds=np.concatenate([neg_pooled, pooled]),
@@ -179,31 +101,8 @@ class Pipeline:
     def denoise(self, cond: Conditioning, latents: np.ndarray, scheduler, cfg: float,
                 noise: Callable[[int], np.ndarray] | None = None,
                 on_step: Callable[[int, float, dict], None] | None = None) -> np.ndarray:
-        """The scheduler loop. `latents` are the initial latents (already times init_noise_sigma);
-        `noise(step)` gives the standard normal draw a stochastic scheduler needs at that step;
-        `on_step(step, timestep, unet_outputs)` sees every UNet call (calibration listens here)."""
-        x = np.asarray(latents, np.float32)
-        prev = np.zeros_like(x)  # the previous denoised estimate (DPM++ 2M)
-        sample_dtype = self.unet.inputs["sample"][1]
-        for step in denoising_steps(scheduler):
-            sample = kernels.scale_cast(x, step.input_scale, sample_dtype, copies=2)  # [2B, 4, h, w]
-            outputs = run_batched(self.unet, {
-                "sample": sample,
-                "timestep": np.full((sample.shape[0],), step.timestep, np.float32),
-                "encoder_hidden_states": cond.context,
-                "text_embeds": cond.text_embeds,
-                "time_ids": cond.time_ids,
-            })
-            if on_step is not None:
-                on_step(step.index, step.timestep, outputs)
-            eps = kernels.cfg_combine(outputs["noise_pred"], cfg)  # [B, 4, h, w]
-            z = None
-            if step.adds_noise:
-                if noise is None:
-                    raise ValueError(f"{scheduler.name} step {step.index} adds noise: pass `noise`")
-                z = noise(step.index)
-            x, prev = kernels.scheduler_step(x, eps, step.coefficients, prev=prev, noise=z)
-        return x
+        """The scheduler loop on this pipeline's UNet executor (trt_sdxl.denoising.denoise)."""
+        return denoise(self.unet, cond, latents, scheduler, cfg, noise=noise, on_step=on_step)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents -> image [B, 3, H, W] in [-1, 1] (the VAE network takes latents / scaling_factor)."""

@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 import regex
 
+from .components import TOKENIZER_FOLDERS
 from .errors import UserError
 from .files import load_json
 
 MAX_LENGTH = 77  # SDXL's text encoders read 77 positions
-FOLDERS = {1: "tokenizer", 2: "tokenizer_2"}
+FOLDERS = TOKENIZER_FOLDERS
 # transformers' CLIPTokenizer defaults, used where a folder's config names no token
 DEFAULT_SPECIAL = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                    "pad_token": "<|endoftext|>"}
@@ -229,8 +230,9 @@ class Tokenizer:
                         ids.extend(self.bpe(word))
         return ids
 
-    def encode(self, prompts: list[str]) -> np.ndarray:
-        """int32 [len(prompts), 77]: BOS, the prompt's tokens (at most 75), EOS, then padding."""
+    def encode(self, prompts: list[str], on_truncate=None) -> np.ndarray:
+        """int32 [len(prompts), 77]: BOS, the prompt's tokens (at most 75), EOS, then padding.
+        A longer prompt is truncated: `on_truncate(message)` hears of it (default: a warning)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         room = self.max_length - 2
@@ -246,8 +248,12 @@ class Tokenizer:
             out[row, :len(ids) + 2] = [self.bos_id, *ids, self.eos_id]
         if dropped:
             detail = ", ".join(f"prompt {row}: {n}" for row, n in dropped)
-            warnings.warn(f"prompts longer than {room} tokens were truncated; tokens dropped: {detail} "
-                          f"(CLIP reads {self.max_length} positions, BOS and EOS included)", stacklevel=2)
+            message = (f"prompts longer than {room} tokens were truncated; tokens dropped: {detail} "
+                       f"(CLIP reads {self.max_length} positions, BOS and EOS included)")
+            if on_truncate is None:
+                warnings.warn(message, stacklevel=2)
+            else:
+                on_truncate(message)
         return out
 
 

@@ -27,10 +27,9 @@ import ml_dtypes
 import numpy as np
 
 from . import configs, keymap
+from .components import COMPONENTS
 from .errors import UserError
 from .files import load_json
-
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 # The class each component's config names (`_class_name` for diffusers, `architectures` for transformers).
 CONFIG_CLASSES = {
@@ -406,71 +405,3 @@ def _check_config_class(config, component: str, path: Path) -> None:
     named = config.get("_class_name") or (config.get("architectures") or [None])[0]
     if named is not None and named != CONFIG_CLASSES[component]:
         raise UserError(f"{path}: describes a {named}, but the {component} is a {CONFIG_CLASSES[component]}")
-
-
-# ---------------------------------------------------------------- config vs weights
-
-
-def check_unet_config(component: Component) -> None:
-    """UserError unless the UNet config agrees with the weight shapes (channels, blocks, depths, widths)."""
-    cfg = component.config
-    layout = keymap.unet_layout(cfg)
-    channels = list(cfg["block_out_channels"])
-    n = len(channels)
-
-    def expect(config_key: str, config_value, tensor: str, found, what: str) -> None:
-        if config_value != found:
-            raise UserError(f"{component.source}: unet config {config_key}={config_value} but tensor {tensor!r} "
-                            f"(shape {component.shape(tensor)}) says {what} {found}")
-
-    def count(pattern: str) -> int:
-        """How many of pattern.format(0), pattern.format(1), ... the checkpoint holds, in a row."""
-        k = 0
-        while pattern.format(k) in component:
-            k += 1
-        return k
-
-    def expect_count(config_key: str, config_value: int, pattern: str, what: str) -> None:
-        found = count(pattern)
-        if found != config_value:
-            raise UserError(f"{component.source}: unet config {config_key}={config_value} but the checkpoint has "
-                            f"{found} {what} ({pattern.format('<k>')})")
-
-    shape = component.shape
-    expect("block_out_channels[0]", channels[0], "conv_in.weight", shape("conv_in.weight")[0], "output channels")
-    expect("in_channels", cfg.get("in_channels", 4), "conv_in.weight", shape("conv_in.weight")[1], "input channels")
-    expect("out_channels", cfg.get("out_channels", 4), "conv_out.weight", shape("conv_out.weight")[0], "output channels")
-    time_key = "time_embedding_dim" if cfg.get("time_embedding_dim") else "block_out_channels[0]*4"
-    expect(time_key, cfg.get("time_embedding_dim") or 4 * channels[0], "time_embedding.linear_1.weight",
-           shape("time_embedding.linear_1.weight")[0], "time embedding width")
-    if cfg.get("addition_embed_type") == "text_time":
-        expect("projection_class_embeddings_input_dim", cfg.get("projection_class_embeddings_input_dim"),
-               "add_embedding.linear_1.weight", shape("add_embedding.linear_1.weight")[1], "input width")
-
-    expect_count("block_out_channels (number of blocks)", n, "down_blocks.{}.resnets.0.conv1.weight", "down blocks")
-    for b in range(n):
-        first = f"down_blocks.{b}.resnets.0.conv1.weight"
-        expect(f"block_out_channels[{b}]", channels[b], first, shape(first)[0], "output channels")
-        expect_count(f"layers_per_block[{b}]", layout["layers"][b], f"down_blocks.{b}.resnets.{{}}.conv1.weight",
-                     f"resnets in down block {b}")
-    up_layers = layout["layers"][::-1]
-    for b in range(n):
-        expect_count(f"layers_per_block[{n - 1 - b}] (+1 in up block {b})", up_layers[b] + 1,
-                     f"up_blocks.{b}.resnets.{{}}.conv1.weight", f"resnets in up block {b}")
-    for side in ("down", "up"):
-        for b, (attention, depth) in enumerate(zip(layout[f"{side}_attention"], layout[f"{side}_depth"])):
-            attn = f"{side}_blocks.{b}.attentions.0"
-            if attention != (f"{attn}.proj_in.weight" in component):
-                raise UserError(f"{component.source}: unet config {side}_block_types[{b}]="
-                                f"{cfg[f'{side}_block_types'][b]!r} but the checkpoint "
-                                f"{'lacks' if attention else 'has'} {attn}.proj_in.weight")
-            if attention:
-                expect_count(f"transformer_layers_per_block ({side} block {b})", depth,
-                             f"{attn}.transformer_blocks.{{}}.attn1.to_q.weight", f"transformer blocks in {attn}")
-    expect_count("transformer_layers_per_block[-1] (mid block)", layout["mid_depth"],
-                 "mid_block.attentions.0.transformer_blocks.{}.attn1.to_q.weight", "transformer blocks in the mid block")
-    # The text width every cross-attention reads: from the first block that has attentions.
-    first_attention = next((b for b in range(n) if layout["down_attention"][b]), None)
-    if first_attention is not None:
-        to_k = f"down_blocks.{first_attention}.attentions.0.transformer_blocks.0.attn2.to_k.weight"
-        expect("cross_attention_dim", cfg.get("cross_attention_dim"), to_k, shape(to_k)[1], "input width")

@@ -16,10 +16,10 @@ Keys starting with `_` are metadata that diffusers/transformers ignore.
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 
 from ..errors import UserError
+from ..files import load_json
 
 VARIANTS = {
     "sdxl_base_1.0": ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"),
@@ -35,5 +35,4 @@ def load(variant: str, component: str) -> dict:
         raise UserError(
             f"{variant} has no {component!r} config: expected one of {', '.join(VARIANTS[variant])}"
         )
-    text = resources.files(__package__).joinpath(variant, f"{component}.json").read_text(encoding="utf-8")
-    return json.loads(text)
+    return load_json(resources.files(__package__).joinpath(variant, f"{component}.json"))

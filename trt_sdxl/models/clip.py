@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import layers as L
+from ..components import ENCODERS
 from ..errors import UserError
 from ..layers import Definition, shape
 from ..tokenizer import MAX_LENGTH
 
-COMPONENTS = {1: "text_encoder", 2: "text_encoder_2"}
+COMPONENTS = {number: name for name, number in ENCODERS.items()}
 ACTIVATIONS = {"quick_gelu": L.quick_gelu, "gelu": L.gelu}
 # transformers' CLIPTextConfig defaults, for keys a config leaves out
 DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "projection_dim": 512,

@@ -7,121 +7,13 @@ bound by its diffusers name, so the code below is a walk over the checkpoint's m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from .. import layers as L
 from . import blocks as B
 from ..errors import UserError
 from ..layers import Definition, shape
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """The parts of diffusers' UNet2DConditionModel config this network depends on."""
-
-    in_channels: int
-    out_channels: int
-    block_out_channels: tuple[int, ...]
-    down_block_types: tuple[str, ...]
-    up_block_types: tuple[str, ...]
-    layers_per_block: int
-    heads: tuple[int, ...]  # per down block
-    transformer_depth: tuple[int, ...]  # per down block
-    transformer_depth_up: tuple[int, ...]  # per up block
-    cross_attention_dim: int
-    norm_num_groups: int
-    norm_eps: float
-    addition_time_embed_dim: int
-    projection_class_embeddings_input_dim: int
-    flip_sin_to_cos: bool
-    freq_shift: float
-
-    @property
-    def time_embed_dim(self) -> int:
-        return self.block_out_channels[0] * 4
-
-    @property
-    def num_time_ids(self) -> int:
-        """6 for SDXL base (size, crop, target size); 5 for the refiner (size, crop, aesthetic score).
-
-        The refiner attends to text_encoder_2's hidden states alone, so its cross-attention
-        width equals the pooled text width: that is how its config gives it away.
-        """
-        five = self.projection_class_embeddings_input_dim - 5 * self.addition_time_embed_dim
-        return 5 if five == self.cross_attention_dim else 6
-
-    @property
-    def text_embeds_dim(self) -> int:
-        return self.projection_class_embeddings_input_dim - self.num_time_ids * self.addition_time_embed_dim
-
-
-def _per_block(value, n: int, key: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * n
-    if len(value) != n:
-        raise UserError(f"unet config {key}={value}: expected one value per block ({n})")
-    return tuple(int(v) for v in value)
-
-
-def parse_config(cfg: dict) -> UNetConfig:
-    """Check that the config describes an SDXL-style UNet we can write, and extract it."""
-    expected = {
-        "addition_embed_type": "text_time",
-        "use_linear_projection": True,
-        "class_embed_type": None,
-        "time_embedding_type": "positional",
-        "resnet_time_scale_shift": "default",
-        "only_cross_attention": False,
-        "upcast_attention": False,
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "encoder_hid_dim_type": None,
-    }
-    for key, value in expected.items():
-        got = cfg.get(key, value)
-        if isinstance(got, list):
-            got = got[0] if len(set(got)) == 1 else got
-        if value is False and got is None:  # published configs write null for "off"
-            got = False
-        if got != value:
-            raise UserError(f"unet config {key}={got!r} is not supported (SDXL UNets use {value!r})")
-    down = tuple(cfg["down_block_types"])
-    up = tuple(cfg["up_block_types"])
-    for t in down:
-        if t not in ("DownBlock2D", "CrossAttnDownBlock2D"):
-            raise UserError(f"unet config down_block_types: {t} is not supported")
-    for t in up:
-        if t not in ("UpBlock2D", "CrossAttnUpBlock2D"):
-            raise UserError(f"unet config up_block_types: {t} is not supported")
-    n = len(down)
-    heads_cfg = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
-    depth = _per_block(cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
-    reverse = cfg.get("reverse_transformer_layers_per_block")
-    depth_up = tuple(max(x) if isinstance(x, list) else x for x in reverse) if reverse else tuple(reversed(depth))
-    if reverse and any(isinstance(x, list) and len(set(x)) > 1 for x in reverse):
-        raise UserError("unet config reverse_transformer_layers_per_block with per-layer depths is not supported")
-    cross = cfg.get("cross_attention_dim", 1280)
-    if not isinstance(cross, int):
-        raise UserError(f"unet config cross_attention_dim={cross}: expected one integer")
-    return UNetConfig(
-        in_channels=int(cfg.get("in_channels", 4)),
-        out_channels=int(cfg.get("out_channels", 4)),
-        block_out_channels=tuple(cfg["block_out_channels"]),
-        down_block_types=down,
-        up_block_types=up,
-        layers_per_block=int(cfg.get("layers_per_block", 2)),
-        heads=_per_block(heads_cfg, n, "attention_head_dim"),
-        transformer_depth=depth,
-        transformer_depth_up=depth_up,
-        cross_attention_dim=cross,
-        norm_num_groups=int(cfg.get("norm_num_groups", 32)),
-        norm_eps=float(cfg.get("norm_eps", 1e-5)),
-        addition_time_embed_dim=int(cfg["addition_time_embed_dim"]),
-        projection_class_embeddings_input_dim=int(cfg["projection_class_embeddings_input_dim"]),
-        flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)),
-        freq_shift=float(cfg.get("freq_shift", 0)),
-    )
+from ..unet_config import UNetConfig
 
 
 # ---------------------------------------------------------------- blocks
@@ -189,7 +81,7 @@ def unet(d: Definition, cfg: UNetConfig, sample, timestep, context, text_embeds,
     for i, block_type in enumerate(cfg.down_block_types):
         out = cfg.block_out_channels[i]
         path = f"down_blocks.{i}"
-        for j in range(cfg.layers_per_block):
+        for j in range(cfg.layers[i]):
             h = B.resnet(d, h, temb_silu, f"{path}.resnets.{j}", out, cfg.norm_num_groups, cfg.norm_eps)
             if block_type == "CrossAttnDownBlock2D":
                 h = spatial_transformer(d, h, context, f"{path}.attentions.{j}", cfg.heads[i],
@@ -211,7 +103,7 @@ def unet(d: Definition, cfg: UNetConfig, sample, timestep, context, text_embeds,
     for i, block_type in enumerate(cfg.up_block_types):
         out = rev_channels[i]
         path = f"up_blocks.{i}"
-        for j in range(cfg.layers_per_block + 1):
+        for j in range(cfg.layers[n_blocks - 1 - i] + 1):
             skip = skips.pop()
             h = L.concat(d, [h, skip], axis=1, name=f"{path}.resnets.{j}.skip_concat")  # [B, C+Cs, H, W]
             h = B.resnet(d, h, temb_silu, f"{path}.resnets.{j}", out, cfg.norm_num_groups, cfg.norm_eps)
@@ -228,11 +120,6 @@ def unet(d: Definition, cfg: UNetConfig, sample, timestep, context, text_embeds,
 
 class UNetNetwork(L.DefinedNetwork):
     """A defined UNet: `.network` (INetworkDefinition) kept alive with its builder and weights."""
-
-
-def default_image_side(config: dict) -> int:
-    """The image side a UNet config was made for: its latent sample_size x 8 (SDXL: 128 -> 1024)."""
-    return 8 * int(config.get("sample_size", 128))
 
 
 def input_specs(cfg: UNetConfig, batch: int, latent_height: int, latent_width: int, dtype) -> dict[str, tuple]:
@@ -268,9 +155,9 @@ def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 
     if precision not in ("fp32", "fp16") and precision not in RECIPES:
         raise UserError(f"--precision {precision}: expected one of fp16, int8, fp8 (or fp32)")
     component = W.open_component(model, "unet")
-    W.check_unet_config(component)
-    cfg = parse_config(component.config)
-    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    cfg = UNetConfig.parse(component.config)
+    cfg.check_weights(component)
+    factor = cfg.latent_multiple
     if batch < 1 or latent_height % factor or latent_width % factor or min(latent_height, latent_width) < factor:
         raise UserError(
             f"batch {batch}, latent {latent_height}x{latent_width}: expected batch >= 1 and latent sides that are "

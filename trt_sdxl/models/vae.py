@@ -119,10 +119,14 @@ class VAENetwork(L.DefinedNetwork):
     """A defined VAE decoder: `.network` (INetworkDefinition) kept alive with its builder and weights."""
 
 
-def _check_precision(precision: str, cfg: VAEConfig) -> None:
+def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise UserError(f"--vae-precision {precision}: expected one of {', '.join(PRECISIONS)} "
                         "(the VAE is not quantized)")
+
+
+def _check_precision(precision: str, cfg: VAEConfig) -> None:
+    check_precision(precision)
     if precision == "fp16" and cfg.force_upcast:
         warnings.warn(
             "--vae-precision fp16: these VAE weights are known to overflow in fp16 (their config sets "

@@ -10,7 +10,7 @@ those per-step values a rule picks one amax:
   8-bit range (their defaults: p = 1.0, mean across prompts; 0.4 in their MLPerf INT8 SDXL).
 - `quantile`: the q-quantile of the per-step values over all steps (linear interpolation).
 
-The tuning pipeline (trt_sdxl.quant.tune) chooses the rule and its parameters.
+The tuning pipeline (trt_sdxl.calibration.tune) chooses the rule and its parameters.
 """
 
 from __future__ import annotations

@@ -1,21 +1,21 @@
 """What the layer helpers consult while defining a network: calibration taps or a quantization plan.
 
-`CalibrationTaps` turns the FP16 network into the calibration network: for every input of a
-layer that some recipe quantizes it adds an in-graph reduction — the per-channel abs-max —
-as an extra output (`amax:<path>`), and for linear layers a few sampled rows (`rows:<path>`),
-so only small vectors leave the device.
+`CalibrationTaps` says which inputs the calibration network records: for every input of a
+layer that some recipe quantizes the layer helpers add an in-graph reduction — the per-channel
+abs-max — as an extra output (`amax:<path>`), and for linear layers a few sampled rows
+(`rows:<path>`), so only small vectors leave the device.
 
 `QuantPlan` turns a CalibrationTable into what the quantized network needs: which layers
 run in 8 bits, each activation's amax (after smoothing, by the table's amax rule), and the
 SmoothQuant scales with where each 1/s is folded (norm affine, GEGLU value rows, to_v rows)
-or, where no fold exists, the explicit multiply to insert.
+or, where no fold exists, the explicit multiply the layer helpers insert. Numbers only: nothing
+here touches TensorRT.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
 from .percentile import AmaxRule, amax_from_steps, layer_amax
 from .recipe import QMAX, RECIPES, check_recipe, is_quantized, smoothing_rule
 from .smoothquant import smoothing_scales, weight_channel_amax
@@ -31,30 +31,23 @@ def tapped(path: str) -> bool:
 
 
 class CalibrationTaps:
-    """Every tapped path gets its own outputs, even where layers share an input tensor (q/k/v):
-    the reductions are cheap next to the matmuls, and the table stays keyed by layer alone."""
+    """Which layer inputs the calibration network records (every tapped path once, even where layers
+    share an input tensor, as q/k/v do: the reductions are cheap next to the matmuls, and the table
+    stays keyed by layer alone). The layer helpers emit the reductions (trt_sdxl.layers.tap)."""
 
     def __init__(self):
         self.paths: list[str] = []
 
-    def observe(self, d, x, path: str, channel_axis: int, sample_rows: bool) -> None:
-        if not tapped(path) or path in self.paths:
-            return
-        from .. import layers as L
+    def wants(self, path: str) -> bool:
+        return tapped(path) and path not in self.paths
 
-        trt = backend.trt()
-        rank = len(x.shape)
-        axis = channel_axis % rank
-        mask = sum(1 << i for i in range(rank) if i != axis)
-        absx = L.unary(d, x, "ABS")
-        red = d.network.add_reduce(absx, trt.ReduceOperation.MAX, mask, False)
-        L.mark_output(d, red.get_output(0), f"amax:{path}", np.float32)  # [C]
-        if sample_rows and rank == 3:
-            b, s, c = x.shape
-            idx = np.linspace(0, s - 1, min(SAMPLE_POSITIONS, s)).round().astype(np.int32)
-            rows = d.network.add_gather(x, L.constant(d, idx), 1).get_output(0)  # [B, R, C]
-            L.mark_output(d, L.reshape(d, rows, (b * len(idx), c)), f"rows:{path}", np.float32)
+    def add(self, path: str) -> None:
         self.paths.append(path)
+
+    @staticmethod
+    def sample_positions(tokens: int) -> np.ndarray:
+        """The token rows sampled from a linear input of `tokens` rows, evenly spread (int32)."""
+        return np.linspace(0, tokens - 1, min(SAMPLE_POSITIONS, tokens)).round().astype(np.int32)
 
 
 class QuantPlan:
@@ -75,8 +68,6 @@ class QuantPlan:
         self.norm_divisors: dict[str, np.ndarray] = {}
         self.row_divisors: dict[str, np.ndarray] = {}
         self.explicit: dict[str, str] = {}  # consumer path -> group
-        self.smoothing_muls = 0
-        self._explicit_cache: dict[tuple[str, str], object] = {}
         self._build_smoothing(weights)
         if conv_alpha is not None:
             self._smooth_convs(weights, conv_alpha)
@@ -187,18 +178,8 @@ class QuantPlan:
         return ((gamma.reshape(-1).astype(np.float32) / s).astype(gamma.dtype).reshape(shape),
                 (beta.reshape(-1).astype(np.float32) / s).astype(beta.dtype).reshape(shape))
 
-    def smooth_input(self, d, x, path: str):
-        """x / s by an explicit multiply, shared by the layers of one group reading one tensor."""
+    def explicit_smoothing(self, path: str) -> tuple[str, np.ndarray] | None:
+        """(group, 1/s) where `path`'s input needs an explicit multiply (no fold exists), else None;
+        the layers of one group reading one tensor share the multiply (trt_sdxl.layers)."""
         group = self.explicit.get(path)
-        if group is None:
-            return x
-        key = (group, x.name)
-        if key not in self._explicit_cache:
-            from .. import layers as L
-
-            rank = len(x.shape)
-            channel_axis = 1 if rank == 4 else rank - 1  # NCHW convolution inputs, [..., C] linear inputs
-            inv = (1.0 / self.scales[path]).reshape([-1 if i == channel_axis else 1 for i in range(rank)])
-            self._explicit_cache[key] = L.mul(d, x, L.constant(d, inv.astype(d.dtype)), name=f"{group}.smooth")
-            self.smoothing_muls += 1
-        return self._explicit_cache[key]
+        return None if group is None else (group, (1.0 / self.scales[path]).astype(np.float32))

@@ -52,13 +52,16 @@ class CalibrationTable:
         return self.channel_amax[path][1].max(axis=0)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
+        write_atomic(Path(path), self.to_bytes())
+
+    def to_bytes(self) -> bytes:
+        """The table as the .npz bytes `save` writes."""
         arrays = {"meta": np.frombuffer(json.dumps(self.meta, sort_keys=True).encode(), dtype=np.uint8)}
         for prefix, table in (("tensor", self.tensor_amax), ("chan", self.channel_amax), ("rows", self.rows)):
             arrays.update({f"{prefix}/{k}": v for k, v in table.items()})
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        write_atomic(path, buffer.getbuffer())
+        return buffer.getvalue()
 
     @classmethod
     def load(cls, path: str | Path, fingerprint: str | None = None) -> CalibrationTable:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import kernels as K
+from . import nvrtc
 from ..errors import UserError
 
 try:
@@ -291,12 +292,12 @@ class KernelLibrary:
 
     def __init__(self, device: Device):
         driver_cuda = call("cuDriverGetVersion") // 1000
-        nvrtc_cuda = K.nvrtc_version()[0]
+        nvrtc_cuda = nvrtc.nvrtc_version()[0]
         if driver_cuda < nvrtc_cuda:  # a CUBIN from NVRTC 13 needs a driver of CUDA 13 or later
             raise UserError(f"the NVIDIA driver supports CUDA {driver_cuda} but NVRTC is CUDA {nvrtc_cuda}: update "
                             f"the driver, or install cuda-bindings and nvidia-cuda-nvrtc of CUDA {driver_cuda}")
         self.modules, self.kernels = [], {}
-        for compiled in K.compile_all(device.sm).values():
+        for compiled in nvrtc.compile_all(device.sm).values():
             module = call("cuModuleLoadData", compiled.image, what=compiled.kernel.file)
             self.modules.append(module)
             for entry in compiled.kernel.entries:

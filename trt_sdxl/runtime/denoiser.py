@@ -9,6 +9,10 @@ coefficients), which are set on the graph's kernel nodes before each replay
 with the kernels' numpy twins. Where TensorRT says an engine cannot be captured, the same step is
 enqueued without a graph.
 
+Image i of a batch draws its noise from seed + i (trt_sdxl.denoising), so one image of a batch can
+be made again alone. `denoise` keeps everything of one call in a `_Run` of its own: the denoiser
+holds only the engine, the kernels and the stream, and one lock for the engine's one context.
+
 The UNet engine's batch may be the whole CFG batch 2B or a divisor of it (an engine built for batch
 1 runs twice per step: uncond, then cond); each slice has its own I/O buffers, since TensorRT wants
 tensor addresses aligned beyond what row offsets give.
@@ -16,6 +20,7 @@ tensor addresses aligned beyond what row offsets give.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -23,7 +28,7 @@ import numpy as np
 
 from .. import kernels
 from ..errors import UserError
-from ..pipeline import Conditioning, DenoisingStep, denoising_steps
+from ..denoising import Conditioning, DenoisingStep, denoising_steps
 from .cuda import CudaError, DeviceBuffer, Event, Graph, HostBuffer, KernelLibrary, Stream
 from .engine import Engine, nbytes
 
@@ -40,63 +45,98 @@ class GraphDenoiser:
         self.suffix = kernels.dtype_suffix(self.sample_spec[1])
         if kernels.dtype_suffix(unet.outputs["noise_pred"][1]) != self.suffix:
             raise UserError(f"{unet.name}: sample and noise_pred have different data types; rebuild the engine")
+        self.lock = threading.Lock()  # one execution context: one denoising run at a time
 
     def denoise(self, cond: Conditioning, scheduler, cfg: float, seed: int,
                 on_step: Callable[[int, float], None] | None = None) -> np.ndarray:
-        """Run every step of `scheduler`; `on_step(step_index, milliseconds)` after each one."""
+        """Run every step of `scheduler`; `on_step(step_index, milliseconds)` after each one (raising
+        from it stops the run; every buffer is released either way)."""
         rows = cond.context.shape[0]  # 2B
         per_engine = self.sample_spec[0][0]
         if rows % per_engine:
             raise UserError(f"{self.unet.name} takes batch {per_engine}, which does not divide the CFG batch {rows} "
                             f"(2 x --batch): rebuild the UNet for batch {rows} or a divisor of it")
-        latent_shape = (rows // 2, *self.sample_spec[0][1:])
-        n = int(np.prod(latent_shape))
-        self.seed, self.cfg, self.n = seed, cfg, n
-        plan = denoising_steps(scheduler)
-        self.noisy = any(step.adds_noise for step in plan)
+        with self.lock:
+            run = _Run(self, cond, scheduler, cfg, seed)
+            try:
+                return run.execute(on_step)
+            finally:
+                run.release()
+
+
+class _Run:
+    """One call of GraphDenoiser.denoise: its buffers, its graph and the values its kernels read."""
+
+    def __init__(self, owner: GraphDenoiser, cond: Conditioning, scheduler, cfg: float, seed: int):
+        self.unet, self.library, self.stream = owner.unet, owner.library, owner.stream
+        self.use_graph, self.sample_spec, self.suffix = owner.use_graph, owner.sample_spec, owner.suffix
+        rows = cond.context.shape[0]
+        per_engine = self.sample_spec[0][0]
+        self.images = rows // 2
+        self.latent_shape = (self.images, *self.sample_spec[0][1:])
+        self.n = int(np.prod(self.latent_shape))
+        self.per_image = self.n // self.images
+        self.seed, self.cfg, self.scheduler = seed, cfg, scheduler
+        self.plan = denoising_steps(scheduler)
+        self.noisy = any(step.adds_noise for step in self.plan)
         self.buffers: list[DeviceBuffer | HostBuffer] = []
-        start, end = Event(), Event()
-        graph = None
+        self.graph: Graph | None = None
+        self.events: list[Event] = []
         try:
-            self.x, self.prev, self.eps = (self._alloc(4 * n) for _ in range(3))
-            self.noise = self._alloc(4 * n) if self.noisy else None
+            self.start, self.end = self._event(), self._event()
+            self.x, self.prev, self.eps = (self._alloc(4 * self.n) for _ in range(3))
+            self.noise = self._alloc(4 * self.n) if self.noisy else None
             self.sample = self._alloc(rows // per_engine * nbytes(self.sample_spec))
             self.noise_pred = self._alloc(rows // per_engine * nbytes(self.unet.outputs["noise_pred"]))
             self.timestep = HostBuffer(*self.unet.inputs["timestep"])
             self.buffers.append(self.timestep)
             self.slices = [self._slice(cond, k * per_engine, per_engine, rows // per_engine)
                            for k in range(rows // per_engine)]
-            self.library.launch("gaussian_noise_f32", n, self.stream, self.x, seed, 0, scheduler.init_noise_sigma, n)
-            for s in self.slices:  # TensorRT wants one enqueue before a capture (lazy allocations, JIT)
-                self._enqueue_unet(s)
-            self.stream.synchronize()
-            graph, nodes = self._capture(plan[0]) if self.use_graph else (None, {})
-            for step in plan:
-                self.timestep.array[...] = step.timestep  # the previous replay has finished reading it
-                start.record(self.stream)
-                if graph is not None:
-                    for key, node in nodes.items():
-                        graph.set_kernel_arguments(node, *self._launch_args(key, step))
-                    graph.launch(self.stream)
-                else:
-                    self._enqueue_step(step)
-                end.record(self.stream)
-                end.synchronize()
-                if on_step is not None:
-                    on_step(step.index, Event.elapsed_ms(start, end))
-            latents = np.empty(latent_shape, np.float32)
-            self.x.download(latents, self.stream)
-            self.stream.synchronize()
-            return latents
-        finally:
-            if graph is not None:
-                graph.destroy()
-            start.destroy()
-            end.destroy()
-            for buffer in self.buffers:
-                buffer.free()
+        except BaseException:
+            self.release()
+            raise
+
+    def execute(self, on_step) -> np.ndarray:
+        for i in range(self.images):  # image i: Philox stream 0 of seed + i
+            self.library.launch("gaussian_noise_f32", self.per_image, self.stream, int(self.x) + 4 * i * self.per_image,
+                                self.seed + i, 0, self.scheduler.init_noise_sigma, self.per_image)
+        for s in self.slices:  # TensorRT wants one enqueue before a capture (lazy allocations, JIT)
+            self._enqueue_unet(s)
+        self.stream.synchronize()
+        self.graph, nodes = self._capture(self.plan[0]) if self.use_graph else (None, {})
+        for step in self.plan:
+            self.timestep.array[...] = step.timestep  # the previous replay has finished reading it
+            self.start.record(self.stream)
+            if self.graph is not None:
+                for key, node in nodes.items():
+                    self.graph.set_kernel_arguments(node, *self._launch_args(key, step))
+                self.graph.launch(self.stream)
+            else:
+                self._enqueue_step(step)
+            self.end.record(self.stream)
+            self.end.synchronize()
+            if on_step is not None:
+                on_step(step.index, Event.elapsed_ms(self.start, self.end))
+        latents = np.empty(self.latent_shape, np.float32)
+        self.x.download(latents, self.stream)
+        self.stream.synchronize()
+        return latents
+
+    def release(self) -> None:
+        self.stream.synchronize()  # nothing enqueued may still use what is freed below
+        if self.graph is not None:
+            self.graph.destroy()
+        for event in self.events:
+            event.destroy()
+        for buffer in self.buffers:
+            buffer.free()
 
     # ------------------------------------------------------------ one step
+
+    def _event(self) -> Event:
+        event = Event()
+        self.events.append(event)
+        return event
 
     def _alloc(self, size: int) -> DeviceBuffer:
         buffer = DeviceBuffer(size)
@@ -125,18 +165,20 @@ class GraphDenoiser:
             self.unet.set_address(name, io[name])
         self.unet.enqueue(self.stream)
 
-    def _launch_args(self, key: str, step: DenoisingStep) -> tuple:
-        """(kernel, elements, arguments) of the step-dependent kernels."""
+    def _launch_args(self, key, step: DenoisingStep) -> tuple:
+        """(kernel, elements, arguments) of the step-dependent kernels; ("noise", i) is image i's."""
         n = self.n
         if key == "scale":
             return self.library[f"scale_cast_{self.suffix}"], n, self.sample, self.x, step.input_scale, n, 2
-        if key == "noise":
-            return self.library["gaussian_noise_f32"], n, self.noise, self.seed, step.index + 1, 1.0, n
+        if isinstance(key, tuple):  # ("noise", i): Philox stream step + 1 of seed + i
+            i, m = key[1], self.per_image
+            return (self.library["gaussian_noise_f32"], m, int(self.noise) + 4 * i * m, self.seed + i,
+                    step.index + 1, 1.0, m)
         c = step.coefficients
         return (self.library["scheduler_step_f32"], n, self.x, self.prev, self.eps, self.noise or 0,
                 c.a, c.b, c.c, c.d, c.e, c.f, n)
 
-    def _launch(self, key: str, step: DenoisingStep, nodes: dict | None) -> None:
+    def _launch(self, key, step: DenoisingStep, nodes: dict | None) -> None:
         kernel, n, *args = self._launch_args(key, step)
         self.library.launch(kernel.entry.name, n, self.stream, *args)
         if nodes is not None:
@@ -156,7 +198,8 @@ class GraphDenoiser:
         self.library.launch(f"cfg_combine_{self.suffix}", self.n, self.stream, self.eps, self.noise_pred, self.cfg,
                             self.n)
         if self.noisy:
-            self._launch("noise", step, nodes)
+            for i in range(self.images):
+                self._launch(("noise", i), step, nodes)
         self._launch("step", step, nodes)
 
     def _capture(self, step: DenoisingStep) -> tuple[Graph | None, dict]:

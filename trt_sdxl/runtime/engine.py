@@ -9,19 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
-from .. import backend
+from .. import backend, dtypes
 from ..errors import UserError
 from .cuda import CudaError, DeviceBuffer, HostBuffer, Stream
-
-# TensorRT DataType name -> numpy dtype of the bytes it stores
-NUMPY_DTYPES = {
-    "FLOAT": np.dtype(np.float32), "HALF": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
-    "INT8": np.dtype(np.int8), "UINT8": np.dtype(np.uint8), "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64), "BOOL": np.dtype(np.bool_), "FP8": np.dtype(ml_dtypes.float8_e4m3fn),
-}
 
 TensorSpecs = dict[str, tuple[tuple[int, ...], np.dtype]]
 
@@ -48,11 +40,13 @@ class Engine:
             if any(d < 0 for d in shape):
                 raise UserError(f"{name}: tensor {tensor!r} has a dynamic shape {shape}; this runtime runs engines "
                                 "with fixed shapes, as trt_sdxl.build writes them")
-            dtype_name = self.engine.get_tensor_dtype(tensor).name
-            if dtype_name not in NUMPY_DTYPES:
-                raise UserError(f"{name}: tensor {tensor!r} has data type {dtype_name}, which has no numpy equivalent")
+            trt_type = self.engine.get_tensor_dtype(tensor)
+            np_type = dtypes.to_numpy(trt_type)
+            if np_type is None:
+                raise UserError(f"{name}: tensor {tensor!r} has data type {trt_type.name}, which has no numpy "
+                                "equivalent")
             is_input = self.engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT
-            (self.inputs if is_input else self.outputs)[tensor] = (shape, NUMPY_DTYPES[dtype_name])
+            (self.inputs if is_input else self.outputs)[tensor] = (shape, np_type)
 
     @classmethod
     def load(cls, path: Path) -> Engine:
@@ -66,10 +60,10 @@ class Engine:
     def from_network(cls, defined, name: str) -> Engine:
         """Build a defined network (anything with `.definition`) for this GPU and load it, in memory:
         the way to run a network no engines folder holds, such as the calibration network."""
-        from ..build import build_engine
+        from ..engines import build_engine
 
         plan, _ = build_engine(defined.definition, "native")
-        return cls(bytes(plan), name)
+        return cls(plan, name)
 
     def set_address(self, tensor: str, buffer: DeviceBuffer | int) -> None:
         if not self.context.set_tensor_address(tensor, int(buffer)):

@@ -1,23 +1,27 @@
 """What an engines folder holds (`manifest.json`, written by `python -m trt_sdxl.build`) and whether
 its engines can run here: checks that need no GPU, so a mismatch is one clear line before any load.
 
-Manifest layout (see trt_sdxl/build.py): top-level `backend`, `backend_version`, and `engines`
-mapping a component (`text_encoder`, `text_encoder_2`, `unet`, `vae`) to its `file`, `precision`,
-`backend`, `backend_version`, `target` ("SM89", or "native" for the GPU it was built on), `batch`
-(images per prompt; the UNet's engine takes `cfg_batch` = 2 x batch), `image_height`/`image_width`
-(UNet, VAE), `tokenizer` (text encoders: the tokenizer folder, or null), `inputs`/`outputs`
-([{name, shape, dtype}]), `checkpoint` and `checkpoint_fingerprint`.
+Manifest layout (see trt_sdxl/build.py): top-level `backend`, `backend_version`, `model` (the
+folder, relative to the engines folder, holding the model's copied configs, tokenizers and
+scheduler config, and for models small enough to preview on the CPU their weights), `model_name`,
+`calibration` (8-bit: the table's file name) and `engines`, mapping a component (`text_encoder`,
+`text_encoder_2`, `unet`, `vae`) to its `file` (relative), `precision`, `backend`,
+`backend_version`, `target` ("SM89", or "native" for the GPU it was built on), `batch` (images per
+prompt; the UNet's engine takes `cfg_batch` = 2 x batch), `image_height`/`image_width` (UNet, VAE),
+`inputs`/`outputs` ([{name, shape, dtype}]), `checkpoint` (where it was built from, a record only)
+and `checkpoint_fingerprint`. Every path the runtime follows is relative, so the folder can be
+moved or copied to another machine.
 """
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 
+from ..components import COMPONENTS
 from ..errors import UserError
+from ..files import load_json
 
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 BUILD = "python -m trt_sdxl.build"
 
 
@@ -41,13 +45,14 @@ class EnginesFolder:
             raise UserError(f"engines folder {self.folder} not found: build the engines first with "
                             f"`{self.rebuild_command()}` (add --model PATH for your checkpoint), or pass --engines DIR")
         path = self.folder / "manifest.json"
-        try:
-            manifest = json.loads(path.read_text())
-        except FileNotFoundError:
+        if not path.is_file():
             raise UserError(f"{path} not found: {self.folder} is not an engines folder written by {BUILD}; "
-                            f"build with `{self.rebuild_command()}`") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: unreadable ({e}); rebuild with `{self.rebuild_command()}`") from None
+                            f"build with `{self.rebuild_command()}`")
+        try:
+            manifest = load_json(path)
+        except UserError as e:
+            raise UserError(f"{path}: unreadable ({str(e).removeprefix(f'{path}: ')}); rebuild with "
+                            f"`{self.rebuild_command()}`") from None
         if not isinstance(manifest, dict) or not isinstance(manifest.get("engines"), dict):
             raise UserError(f"{path}: no `engines` table; rebuild with `{self.rebuild_command()}`")
         self.manifest = manifest
@@ -71,15 +76,16 @@ class EnginesFolder:
                 parts += [f"--{name.replace('_', '-')}", shlex.quote(str(value))]
         return " ".join(parts)
 
-    def entry(self, component: str) -> dict:
-        """The manifest entry of `component`; its engine file must exist."""
+    def entry(self, component: str, need_file: bool = True) -> dict:
+        """The manifest entry of `component`; its engine file must exist (unless `need_file` is
+        False: the CPU preview runs the networks, not the engines)."""
         if component not in self.engines:
             listed = ", ".join(self.engines) or "none"
             raise UserError(f"{self.folder / 'manifest.json'} has no {component} engine (it lists: {listed}); "
                             f"build all components with `{self.rebuild_command()}`")
         entry = dict(self.engines[component])
         entry["path"] = self.folder / entry.get("file", "")
-        if not entry.get("file") or not entry["path"].is_file():
+        if need_file and (not entry.get("file") or not entry["path"].is_file()):
             raise UserError(f"{entry['path']}: the {component} engine listed in the manifest is missing; "
                             f"rebuild with `{self.rebuild_command()}`")
         return entry
@@ -113,10 +119,46 @@ class EnginesFolder:
                             f"`{self.rebuild_command(height=asked[0], width=asked[1])}`")
         return built
 
-    def tokenizer_folders(self) -> tuple[Path, Path] | None:
-        """The tokenizer folders the text encoders were built with, if the manifest records both."""
-        folders = [self.engines.get(c, {}).get("tokenizer") for c in ("text_encoder", "text_encoder_2")]
-        return (Path(folders[0]), Path(folders[1])) if all(folders) else None
+    def image_size(self, entries: dict) -> tuple[int, int]:
+        """(height, width) the UNet and VAE engines were built for; they must agree."""
+        _, _, h, w = input_shape(entries["unet"], "sample")
+        height, width = 8 * h, 8 * w
+        vae_size = (entries["vae"].get("image_height"), entries["vae"].get("image_width"))
+        if vae_size != (height, width):
+            raise UserError(f"{self.folder}: the VAE engine was built for {vae_size[1]}x{vae_size[0]} images, the "
+                            f"UNet for {width}x{height}; rebuild one of them, e.g. "
+                            f"{self.rebuild_command(height=height, width=width)} --components vae")
+        return height, width
+
+    def model_folder(self, require_weights: bool) -> Path:
+        """The model copy in the folder (configs, tokenizers, scheduler config; weights when the
+        model is small enough for the CPU preview). `require_weights`: every component's weights."""
+        name = self.manifest.get("model")
+        if not name:
+            raise UserError(f"{self.folder / 'manifest.json'} records no model folder (an engines folder from an "
+                            f"older trt_sdxl); rebuild with `{self.rebuild_command()}`")
+        folder = self.folder / name
+        if not folder.is_dir():
+            raise UserError(f"{folder}: the model folder the manifest names is missing; rebuild with "
+                            f"`{self.rebuild_command()}`")
+        if require_weights and not self.manifest.get("model_weights"):
+            raise UserError(f"{self.folder}: the model's weights were not copied into the engines folder (its UNet "
+                            "is too large for the CPU preview, which netexec would take hours on); run the engines "
+                            "on a GPU")
+        return folder
+
+    def calibration_path(self) -> Path:
+        path = self.folder / str(self.manifest.get("calibration") or "calibration.npz")
+        if not path.is_file():
+            raise UserError(f"{path}: the calibration table of this 8-bit UNet is missing; rebuild with "
+                            f"`{self.rebuild_command()}`")
+        return path
+
+    def model_name(self) -> str:
+        return str(self.manifest.get("model_name") or model_folder(self.engines.get("unet", {})).name)
+
+    def model_hash(self) -> str:
+        return str(self.engines.get("unet", {}).get("checkpoint_fingerprint", ""))[:10]
 
 
 def input_shape(entry: dict, name: str) -> tuple[int, ...]:

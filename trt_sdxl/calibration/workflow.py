@@ -12,13 +12,12 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..executors import NETEXEC_MAX_UNET_BYTES
-from ..build import log
+from ..log import Log, silent
 from ..pipeline import Pipeline
+from ..quant.table import CalibrationTable
 from .calibrate import run_calibration
 from .prompts import load_prompts
-from .table import CalibrationTable
 from .tune import tune
-
 
 
 def heldout_count(prompts: int) -> int:
@@ -50,7 +49,7 @@ def netexec_factory(model, batch: int, latent_h: int, latent_w: int):
     return _factory(model, batch, latent_h, latent_w, lambda defined, name: NetexecExecutor(defined))
 
 
-def gpu_factory(model, batch: int, latent_h: int, latent_w: int):
+def gpu_factory(model, batch: int, latent_h: int, latent_w: int, log: Log = silent):
     """Executors that are TensorRT engines built for, and run on, the GPU present (each network is
     built in memory; a full-size UNet build takes minutes, once per tuning candidate)."""
     from ..runtime import cuda
@@ -65,17 +64,31 @@ def gpu_factory(model, batch: int, latent_h: int, latent_w: int):
     return _factory(model, batch, latent_h, latent_w, run)
 
 
-def default_factory(model, unet_component, recipe: str, batch: int, latent_h: int, latent_w: int):
-    """The GPU when one is usable, else netexec — refused for full-size UNets (hours on the CPU)."""
+def check_can_calibrate(model, unet_component, recipe: str, calibration: str | None) -> None:
+    """Before any network is defined: an 8-bit build that must calibrate needs a pipeline folder (its
+    tokenizers) and, for a UNet too large for netexec, a GPU."""
     from ..runtime import cuda
 
-    if cuda.probe()[0] > 0:
-        return gpu_factory(model, batch, latent_h, latent_w)
-    if unet_component.weight_bytes > NETEXEC_MAX_UNET_BYTES:
+    if calibration:
+        return  # a table is given: whether it needs tuning is known once it is read
+    if not Path(model).is_dir():
+        raise UserError(f"--precision {recipe}: calibrating runs prompts through the text encoders, which needs the "
+                        f"tokenizers of a diffusers pipeline folder; {model} is not one. Pass --calibration FILE "
+                        f"(a table tuned for {recipe}) or a pipeline folder as --model")
+    if unet_component.weight_bytes > NETEXEC_MAX_UNET_BYTES and cuda.probe()[0] == 0:
         raise UserError(
             f"--precision {recipe}: calibrating this {unet_component.weight_bytes / 2**30:.1f} GiB UNet needs a GPU "
             "(with netexec on the CPU it would take hours); calibrate on a machine with a GPU and TensorRT, then "
             "pass the table (OUT/calibration.npz) with --calibration FILE")
+
+
+def default_factory(model, unet_component, recipe: str, batch: int, latent_h: int, latent_w: int,
+                    log: Log = silent):
+    """The GPU when one is usable, else netexec (check_can_calibrate has refused full-size UNets then)."""
+    from ..runtime import cuda
+
+    if cuda.probe()[0] > 0:
+        return gpu_factory(model, batch, latent_h, latent_w, log)
     return netexec_factory(model, batch, latent_h, latent_w)
 
 
@@ -88,23 +101,22 @@ def text_conditioning(model, make, height: int, width: int):
     return lambda prompts: pipe.encode_prompt(prompts, None, height, width)
 
 
-def calibrate_and_tune(model, unet_component, recipe: str, *, height: int, width: int, table_path: Path,
+def calibrate_and_tune(model, unet_component, recipe: str, *, height: int, width: int,
                        calibration: str | None = None, prompts_file: str | None = None, steps: int = 20,
-                       scheduler: str = "euler", cfg: float = 5.0, seed: int = 0, factory=None) -> CalibrationTable:
-    """The table for `recipe`: read from `calibration` (tuned now if it lacks `recipe`), or measured."""
+                       scheduler: str = "euler", cfg: float = 5.0, seed: int = 0, factory=None,
+                       log: Log = silent) -> CalibrationTable:
+    """The table for `recipe`: read from `calibration` (tuned now if it lacks `recipe`), or measured.
+    The caller writes it (the build, together with the engines, so a failed build keeps the old one)."""
     fingerprint = unet_component.fingerprint()
     table = CalibrationTable.load(calibration, fingerprint) if calibration else None
     if table is not None and recipe in table.meta.get("tuned", {}):
         log(f"calibration: using {calibration} ({table.meta['prompts']} prompts, {table.meta['steps']} steps)")
         return table
-    if not Path(model).is_dir():
-        raise UserError(f"--precision {recipe}: calibrating runs prompts through the text encoders, which needs the "
-                        f"tokenizers of a diffusers pipeline folder; {model} is not one. Pass --calibration FILE "
-                        f"(a table tuned for {recipe}) or a pipeline folder as --model")
+    check_can_calibrate(model, unet_component, recipe, None)
     # A reused table is tuned at the size its statistics were measured at, whatever this build's size.
     latent = tuple(table.meta["latent_shape"]) if table is not None else (4, height // 8, width // 8)
     if factory is None:
-        factory = default_factory(model, unet_component, recipe, 1, latent[1], latent[2])
+        factory = default_factory(model, unet_component, recipe, 1, latent[1], latent[2], log)
     encode = text_conditioning(model, factory, 8 * latent[1], 8 * latent[2])
     if table is None:
         prompts = load_prompts(prompts_file)
@@ -130,6 +142,4 @@ def calibrate_and_tune(model, unet_component, recipe: str, *, height: int, width
              latent_shape=latent, log=log)
     finally:
         fp16.free()
-    table.save(table_path)
-    log(f"calibration table: {table_path}")
     return table

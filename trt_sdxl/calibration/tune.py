@@ -10,18 +10,18 @@ Both print what they chose and what it bought; the choices go into the Calibrati
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 import numpy as np
 
-from .. import schedulers
-from ..pipeline import Conditioning, Pipeline, seeded_latents, seeded_step_noise
-from .percentile import AmaxRule
-from .plan import QuantPlan
-from .recipe import check_recipe
-from .smoothquant import search_alpha
-from .table import CalibrationTable
+from .. import denoising, schedulers
+from ..denoising import Conditioning
+from ..log import Log, silent
+from ..quant.percentile import AmaxRule
+from ..quant.plan import QuantPlan
+from ..quant.recipe import check_recipe
+from ..quant.smoothquant import search_alpha
+from ..quant.table import CalibrationTable
 
 RULE_CANDIDATES = (
     AmaxRule("max"),
@@ -54,11 +54,8 @@ def tune_alphas(table: CalibrationTable, recipe: str, weights) -> tuple[dict, di
 def trajectory(unet_executor, cond: Conditioning, *, scheduler: str, steps: int, cfg: float, seed: int,
                latent_shape: tuple[int, ...]) -> np.ndarray:
     """Final latents of one prompt's denoising (batch 1, CFG batch 2), reproducible from the seed."""
-    sched = schedulers.create(scheduler, steps)
-    shape = (1,) + tuple(latent_shape)
-    latents = seeded_latents(seed, shape, sched.init_noise_sigma)
-    loop = Pipeline(None, None, unet_executor, None, None, None)
-    return loop.denoise(cond, latents, sched, cfg, noise=seeded_step_noise(seed, shape))
+    return denoising.trajectory(unet_executor, cond, schedulers.create(scheduler, steps), cfg, seed,
+                                (1, *latent_shape))
 
 
 def trajectory_error(executor, references: list[np.ndarray], conds: list[Conditioning], seeds: list[int],
@@ -75,7 +72,7 @@ def trajectory_error(executor, references: list[np.ndarray], conds: list[Conditi
 def tune(table: CalibrationTable, recipe: str, weights, quantized_executor: Callable[[dict], object],
          fp16_executor, encode: Callable[[list[str]], Conditioning], heldout: list[str], *, scheduler: str,
          steps: int, cfg: float, seed: int, latent_shape: tuple[int, ...],
-         candidates=RULE_CANDIDATES, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
+         candidates=RULE_CANDIDATES, log: Log = silent) -> dict:
     """Tune `recipe` on `table` (in place: `table.set_choices`); returns the report."""
     alphas, alpha_report = tune_alphas(table, recipe, weights)
     smoothed = {g: r for g, r in alpha_report.items() if r["alpha"] is not None}

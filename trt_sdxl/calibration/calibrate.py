@@ -10,14 +10,15 @@ TensorRT engine on a GPU (`trt_sdxl.runtime`), behind the same `run(feeds)` seam
 from __future__ import annotations
 
 import hashlib
-import sys
+import time
 from collections.abc import Callable
 
 import numpy as np
 
 from .. import schedulers
-from ..pipeline import Conditioning, Pipeline, seeded_latents, seeded_step_noise
-from .table import FORMAT_VERSION, CalibrationTable
+from ..denoising import Conditioning, trajectory
+from ..log import Log, format_seconds, silent
+from ..quant.table import FORMAT_VERSION, CalibrationTable
 
 SAMPLE_PROMPTS = 4  # prompts whose sampled rows are kept for the SmoothQuant alpha search
 
@@ -61,18 +62,15 @@ class StatsCollector:
 def run_calibration(unet_executor, encode: Callable[[list[str]], Conditioning], prompts: list[str], *,
                     scheduler: str = "euler", steps: int = 20, cfg: float = 5.0, seed: int = 0,
                     latent_shape: tuple[int, int, int] = (4, 128, 128), unet_fingerprint: str = "",
-                    log=lambda message: print(message, file=sys.stderr, flush=True)) -> CalibrationTable:
+                    log: Log = silent) -> CalibrationTable:
     """Calibrate over `prompts` (batch 1 each, CFG batch 2); returns the statistics as a table."""
     collector = StatsCollector(len(prompts), steps)
-    loop = Pipeline(None, None, unet_executor, None, None, None)
+    started = time.perf_counter()
     for p, prompt in enumerate(prompts):
-        sched = schedulers.create(scheduler, steps)
-        cond = encode([prompt])
-        shape = (1,) + tuple(latent_shape)
-        latents = seeded_latents(seed + p, shape, sched.init_noise_sigma)
-        loop.denoise(cond, latents, sched, cfg, noise=seeded_step_noise(seed + p, shape),
-                     on_step=lambda i, t, out, p=p: collector.add(p, i, out))
-        log(f"calibration: prompt {p + 1}/{len(prompts)} ({steps} steps)")
+        trajectory(unet_executor, encode([prompt]), schedulers.create(scheduler, steps), cfg, seed + p,
+                   (1, *latent_shape), on_step=lambda i, t, out, p=p: collector.add(p, i, out))
+        left = (time.perf_counter() - started) / (p + 1) * (len(prompts) - p - 1)
+        log(f"calibration: prompt {p + 1}/{len(prompts)} ({steps} steps), about {format_seconds(left)} left")
     meta = {
         "format_version": FORMAT_VERSION,
         "unet_fingerprint": unet_fingerprint,

@@ -1,0 +1,160 @@
+"""Engines from defined networks: the target GPU, the builder config, serialization, engine file
+names and the tensor specs a manifest records.
+
+`build_engine(definition, target)` turns a defined network into serialized engine bytes for a
+compute capability ('SM89', ahead of time) or for the GPU present ('native'), reporting the
+builder's phases; Ctrl-C during the build cancels it (TensorRT's progress monitor is asked to
+stop) and surfaces as KeyboardInterrupt, not as a failed build.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+
+from . import backend
+from .errors import UserError
+from .log import Log, silent
+
+FP8_MIN_SM = 89  # FP8 tensor cores: Ada, Hopper, Blackwell
+BF16_MIN_SM = 80  # bfloat16 arithmetic starts with Ampere (SM 8.0)
+
+
+def engine_filename(component: str, precision: str, target: str) -> str:
+    """`unet.fp16.trtrtx1.7.1.sm89.plan`: component, precision, backend and version, target."""
+    return f"{component}.{precision}.{backend.get().tag}.{target.lower()}.plan"
+
+
+def tensor_specs(network, which: str) -> list[dict]:
+    """[{name, shape, dtype}] of a network's inputs or outputs, as the manifest records them."""
+    count = network.num_inputs if which == "inputs" else network.num_outputs
+    get = network.get_input if which == "inputs" else network.get_output
+    return [{"name": t.name, "shape": list(t.shape), "dtype": str(t.dtype).split(".")[-1].lower()}
+            for t in (get(i) for i in range(count))]
+
+
+# ---------------------------------------------------------------- target
+
+
+def present_gpu_target() -> str | None:
+    """'SM89'-style name of the first GPU, from nvidia-smi; None without a GPU."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return "SM" + out[0].replace(".", "") if out else None
+
+
+def choose_target(requested: str | None) -> str:
+    """The build target: `requested` ('SM89', 'native') checked, else the GPU present, else SM89."""
+    be = backend.get()
+    if requested:
+        requested = requested.upper() if requested.lower() != "native" else "native"
+        if requested == "native":
+            if present_gpu_target() is None:
+                raise UserError("--target native: no GPU found on this machine to build for; name a target "
+                                f"such as SM89 or SM120 (this {be.name} can build for: "
+                                f"{', '.join(be.aot_targets) or 'only the GPU present'})")
+            return requested
+        if not requested.startswith("SM"):
+            raise UserError(f"--target {requested}: expected e.g. SM89, SM120 or native")
+        be.check_target(requested)
+        return requested
+    gpu = present_gpu_target()
+    if gpu:
+        return gpu if gpu in be.aot_targets else "native"
+    if "SM89" in be.aot_targets:
+        return "SM89"
+    raise UserError(f"no GPU found and {be.name} {be.version} cannot build ahead of time; pass --target or "
+                    "run on a machine with the target GPU")
+
+
+def check_target_takes(target: str, vae_precision: str, precision: str = "fp16") -> None:
+    """bfloat16 engines need an SM 8.0+ target (the builder's own error for SM75 is a compiler message);
+    FP8 needs SM 8.9+ (Ada, Hopper, Blackwell tensor cores)."""
+    if precision == "fp8" and target.startswith("SM") and int(target[2:]) < FP8_MIN_SM:
+        raise UserError(f"--precision fp8: {target} has no FP8 tensor cores (they need SM{FP8_MIN_SM} or newer); "
+                        "use --precision int8 for this GPU")
+    if vae_precision == "bf16" and target.startswith("SM") and int(target[2:]) < BF16_MIN_SM:
+        raise UserError(f"--vae-precision bf16: {target} has no bfloat16 (it needs SM{BF16_MIN_SM} or newer); "
+                        "use --vae-precision fp32")
+
+
+# ---------------------------------------------------------------- building
+
+
+class BuildMonitor:
+    """TensorRT's IProgressMonitor: logs the builder's top-level phases, and stops the build once
+    Ctrl-C was pressed. While the builder runs, SIGINT only sets a flag (a KeyboardInterrupt raised
+    inside a TensorRT callback would be swallowed, and the build would look failed); the monitor
+    then asks the builder to stop, and build_engine raises KeyboardInterrupt when it returns."""
+
+    def __init__(self, log: Log):
+        self.log = log
+        self.interrupted = False
+
+    def attach(self, config) -> None:
+        trt = backend.trt()
+        if not hasattr(trt, "IProgressMonitor") or not hasattr(config, "progress_monitor"):
+            return
+        outer = self
+
+        class Monitor(trt.IProgressMonitor):
+            def __init__(self):
+                trt.IProgressMonitor.__init__(self)
+
+            def phase_start(self, phase_name, parent_phase, num_steps):
+                if parent_phase is None and not outer.interrupted:
+                    outer.log(f"  build phase: {phase_name}")
+
+            def step_complete(self, phase_name, step):
+                return not outer.interrupted  # False asks the builder to stop
+
+            def phase_finish(self, phase_name):
+                pass
+
+        config.progress_monitor = Monitor()
+
+    @contextmanager
+    def catching_ctrl_c(self):
+        """SIGINT sets `interrupted` instead of raising, for the duration (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def note(signum, frame):
+            self.interrupted = True
+
+        previous = signal.signal(signal.SIGINT, note)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def build_engine(definition, target: str, log: Log = silent):
+    """Serialize the network for `target`; returns the engine (TensorRT host memory, which supports
+    the buffer protocol: written to disk or deserialized without a copy) and the seconds it took."""
+    be = backend.get()
+    config = definition.builder.create_builder_config()
+    be.set_target(config, target)
+    monitor = BuildMonitor(log)
+    monitor.attach(config)
+    start = time.perf_counter()
+    with monitor.catching_ctrl_c():
+        serialized = definition.builder.build_serialized_network(definition.network, config)
+    seconds = time.perf_counter() - start
+    if monitor.interrupted:
+        raise KeyboardInterrupt
+    if serialized is None:
+        raise UserError(f"{be.name} {be.version} could not build the network for {target} "
+                        "(the builder's messages above say why)")
+    return serialized, seconds

@@ -1,0 +1,394 @@
+"""The library API: load an engines folder once, generate many times.
+
+    from trt_sdxl import Generator
+    g = Generator.load("engines")                  # TensorRT engines on the GPU
+    g = Generator.load("engines", device="cpu")    # the same networks through netexec (numpy)
+    for image in g.generate("a lighthouse at dusk", steps=30, cfg=5.0, seed=42):
+        image.save(f"lighthouse-{image.seed}.png")
+
+`device="cpu"` runs exactly the networks the folder's engines were built from — the same
+precision, the same calibration table — defined again from the model copy the folder holds, so
+an INT8 or FP8 build can be looked at on a machine without a GPU. `Generator.from_model(PATH)`
+runs a checkpoint's FP16 networks on the CPU without building anything.
+
+`generate` keeps everything of a call in the call; the loaded networks are shared and run under
+one lock (an engine's execution context, and TensorRT's network objects netexec reads, are not
+for two threads at once), so one Generator may serve several threads, one network run at a time. `on_step(step, steps, milliseconds)` hears about each denoising step;
+`cancel` (a threading.Event, or any callable returning True) stops a call at the next step with
+`Cancelled`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import schedulers
+from .version import __version__
+from .components import COMPONENTS, DEFAULT_MODEL, ENCODERS
+from .denoising import seeded_latents, seeded_step_noise
+from .errors import UserError
+from .executors import NETEXEC_MAX_UNET_BYTES
+from .files import write_atomic
+from .log import Log, silent
+from .pipeline import ModelSettings, Pipeline, to_uint8_rgb
+from .runtime import manifest as manifest_module
+from .unet_config import UNetConfig, check_image_size
+
+SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m_karras": "DPM++ 2M Karras", "ddim": "DDIM"}
+DEVICES = ("gpu", "cpu")
+NO_GPU = ("a GPU is needed to run the TensorRT engines, and none is usable here: {reason}. To look at the "
+          "engines' networks on the CPU instead, use device=\"cpu\" (`python -m trt_sdxl.generate --cpu ...`)")
+
+
+class Cancelled(Exception):
+    """A generate call was cancelled (its `cancel` was set) before it finished."""
+
+
+@dataclass
+class Image:
+    """One generated image: `rgb` uint8 [H, W, 3], its own `seed`, and A1111's infotext."""
+
+    rgb: np.ndarray
+    seed: int
+    infotext: str
+    parameters: dict = field(default_factory=dict)
+
+    def save(self, path) -> Path:
+        """A PNG with the infotext as its `parameters` text chunk, written atomically."""
+        from .png import encode_png
+
+        path = Path(path)
+        try:
+            write_atomic(path, encode_png(self.rgb, {"parameters": self.infotext}))
+        except OSError as e:
+            raise UserError(f"{path}: cannot write it ({e.strerror})") from None
+        return path
+
+
+@dataclass
+class _Loaded:
+    """What a Generator holds: the pipeline, the UNet loop, and the facts of its networks."""
+
+    pipeline: Pipeline
+    denoise: Callable  # (cond, scheduler, cfg, seed, latent_shape, on_step(i, ms)) -> latents
+    settings: ModelSettings
+    model_name: str
+    model_hash: str
+    height: int
+    width: int
+    where: str
+    close: Callable[[], None]
+    latent_channels: int = 4
+
+
+class Generator:
+    """SDXL text to image over a loaded set of networks; see the module docstring."""
+
+    def __init__(self, loaded: _Loaded, log: Log = silent):
+        self._loaded = loaded
+        self.log = log
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, engines_dir, device: str = "gpu", log: Log = silent) -> Generator:
+        """The engines folder `engines_dir` (written by `python -m trt_sdxl.build`), on the GPU with
+        TensorRT, or on the CPU through netexec (`device="cpu"`)."""
+        if device not in DEVICES:
+            raise UserError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
+        folder = engines_dir if isinstance(engines_dir, manifest_module.EnginesFolder) else \
+            manifest_module.EnginesFolder(engines_dir)
+        return cls(_load_gpu(folder, log) if device == "gpu" else _load_cpu(folder, log), log)
+
+    @classmethod
+    def from_model(cls, model=DEFAULT_MODEL, height: int | None = None, width: int | None = None, batch: int = 1,
+                   log: Log = silent) -> Generator:
+        """A checkpoint's FP16 networks (VAE in FP32) run by netexec on the CPU: no engines needed."""
+        return cls(_load_model_cpu(Path(model), height, width, batch, log), log)
+
+    @property
+    def height(self) -> int:
+        return self._loaded.height
+
+    @property
+    def width(self) -> int:
+        return self._loaded.width
+
+    @property
+    def where(self) -> str:
+        """What runs the networks, e.g. 'CPU (netexec, numpy)' or the GPU and TensorRT version."""
+        return self._loaded.where
+
+    def close(self) -> None:
+        self._loaded.close()
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ generating
+
+    def generate(self, prompt: str, negative_prompt: str | None = None, *, steps: int = 30, cfg: float = 5.0,
+                 seed: int | None = None, scheduler: str = "euler", batch: int = 1, height: int | None = None,
+                 width: int | None = None, on_step: Callable[[int, int, float], None] | None = None,
+                 cancel=None) -> list[Image]:
+        """`batch` images of `prompt`; image i uses seed + i (a random seed when None) and records it."""
+        check_request(steps, cfg, scheduler, batch, seed)
+        loaded = self._loaded
+        if (height or loaded.height, width or loaded.width) != (loaded.height, loaded.width):
+            raise UserError(f"--height {height or loaded.height} --width {width or loaded.width}: these networks "
+                            f"make {loaded.width}x{loaded.height} images (their shapes are fixed); use that size "
+                            "or build engines for the other one")
+        if not isinstance(prompt, str):
+            raise UserError(f"prompt: expected a string, got {type(prompt).__name__}")
+        seed = secrets.randbits(32) if seed is None else int(seed)
+        stop = _stop_check(cancel)
+        sched = schedulers.create(scheduler, steps, loaded.settings.scheduler_config)
+        self.log(f"{loaded.where}: {loaded.width}x{loaded.height}, batch {batch}, {steps} steps of {scheduler}, "
+                 f"CFG {cfg:g}, seed {seed}")
+        started = time.perf_counter()
+        negatives = None if negative_prompt is None else [negative_prompt] * batch
+        latent_shape = (batch, loaded.latent_channels, loaded.height // 8, loaded.width // 8)
+        times: list[float] = []
+
+        def step_done(index: int, ms: float) -> None:
+            times.append(ms)
+            if on_step is not None:
+                on_step(index, steps, ms)
+            if stop() and index + 1 < steps:
+                raise Cancelled(f"cancelled after step {index + 1} of {steps}")
+
+        with self._lock:
+            if stop():
+                raise Cancelled("cancelled before the first step")
+            t = time.perf_counter()
+            cond = loaded.pipeline.encode_prompt([prompt] * batch, negatives, loaded.height, loaded.width,
+                                                 log=self.log)
+            text_s = time.perf_counter() - t
+            t = time.perf_counter()
+            latents = loaded.denoise(cond, sched, cfg, seed, latent_shape, step_done)
+            denoise_s = time.perf_counter() - t
+            t = time.perf_counter()
+            rgb = to_uint8_rgb(loaded.pipeline.decode(latents))
+            vae_s = time.perf_counter() - t
+        self.log(f"text encoders {1000 * text_s:.0f} ms; denoising {denoise_s:.2f} s "
+                 f"({np.mean(times):.1f} ms/step, fastest {min(times):.1f}); VAE {1000 * vae_s:.0f} ms; "
+                 f"total {time.perf_counter() - started:.2f} s")
+        images = []
+        for i in range(batch):
+            fields = {"prompt": prompt, "negative_prompt": negative_prompt or "", "steps": steps,
+                      "sampler": SAMPLERS[scheduler], "cfg_scale": cfg, "seed": seed + i,
+                      "width": loaded.width, "height": loaded.height, "model_hash": loaded.model_hash,
+                      "model": loaded.model_name, "batch_size": batch, "batch_pos": i}
+            images.append(Image(rgb[i], seed + i, infotext(fields), fields))
+        return images
+
+
+def _stop_check(cancel) -> Callable[[], bool]:
+    if cancel is None:
+        return lambda: False
+    if hasattr(cancel, "is_set"):
+        return cancel.is_set
+    if callable(cancel):
+        return lambda: bool(cancel())
+    raise UserError("cancel: expected a threading.Event or a callable returning True to stop")
+
+
+def check_request(steps, cfg, scheduler: str, batch, seed) -> None:
+    """The checks of a generate request that need no model: one UserError naming the argument."""
+    if not isinstance(steps, int) or steps < 1:
+        raise UserError(f"--steps {steps}: expected at least 1")
+    if not isinstance(cfg, (int, float)) or not cfg >= 0:  # also catches nan
+        raise UserError(f"--cfg {cfg}: expected a guidance scale >= 0")
+    if scheduler not in schedulers.NAMES:
+        raise UserError(f"--scheduler {scheduler}: expected one of {', '.join(schedulers.NAMES)}")
+    if not isinstance(batch, int) or batch < 1:
+        raise UserError(f"--batch {batch}: expected at least 1")
+    if seed is not None and not 0 <= seed < 2**64 - 2**16:
+        raise UserError(f"--seed {seed}: expected an integer from 0 to 2^64 - 2^16 (image i of a batch uses seed + i)")
+
+
+def infotext(fields: dict) -> str:
+    """A1111's `parameters` text: prompt, `Negative prompt:` line, then `key: value` pairs."""
+    lines = [fields["prompt"]]
+    if fields.get("negative_prompt"):
+        lines.append(f"Negative prompt: {fields['negative_prompt']}")
+    pairs = [("Steps", fields["steps"]), ("Sampler", fields["sampler"]), ("CFG scale", f"{fields['cfg_scale']:g}"),
+             ("Seed", fields["seed"]), ("Size", f"{fields['width']}x{fields['height']}"),
+             ("Model hash", fields["model_hash"]), ("Model", fields["model"])]
+    if fields.get("batch_size", 1) > 1:  # A1111 records these for batches only
+        pairs += [("Batch size", fields["batch_size"]), ("Batch pos", fields["batch_pos"])]
+    pairs.append(("Version", f"trt_sdxl {__version__}"))
+    lines.append(", ".join(f"{key}: {value}" for key, value in pairs))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the CPU (netexec)
+
+
+def _cpu_denoise(pipeline: Pipeline):
+    def denoise(cond, scheduler, cfg, seed, latent_shape, on_step):
+        last = time.perf_counter()
+
+        def timed(i, t, outputs):
+            nonlocal last
+            now = time.perf_counter()
+            on_step(i, 1000 * (now - last))
+            last = now
+
+        latents = seeded_latents(seed, latent_shape, scheduler.init_noise_sigma)
+        return pipeline.denoise(cond, latents, scheduler, cfg, noise=seeded_step_noise(seed, latent_shape),
+                                on_step=timed)
+
+    return denoise
+
+
+def _cpu_networks(model: Path, specs: dict, log: Log):
+    """NetexecExecutors of the four networks `specs` describes: component -> (precision, engine batch,
+    latent h, latent w, calibration table or None)."""
+    from .executors import NetexecExecutor
+    from .models import clip, unet, vae
+
+    started = time.perf_counter()
+    run = {}
+    for component in COMPONENTS:
+        precision, batch, latent_h, latent_w, table = specs[component]
+        if component in ENCODERS:
+            run[component] = NetexecExecutor(clip.define(model, ENCODERS[component], batch=batch, precision=precision))
+        elif component == "unet":
+            run[component] = NetexecExecutor(unet.define(model, precision=precision, batch=batch,
+                                                         latent_height=latent_h, latent_width=latent_w,
+                                                         calibration=table))
+        else:
+            run[component] = NetexecExecutor(vae.define(model, precision=precision, batch=batch,
+                                                        latent_height=latent_h, latent_width=latent_w))
+    log(f"networks defined from {model} ({time.perf_counter() - started:.1f} s)")
+    return run
+
+
+def _check_cpu_size(model: Path, what: str) -> object:
+    from . import weights
+
+    unet_weights = weights.open_component(model, "unet")
+    if unet_weights.weight_bytes > NETEXEC_MAX_UNET_BYTES:
+        raise UserError(f"--cpu: {what} has a {unet_weights.weight_bytes / 2**30:.1f} GiB UNet; netexec (numpy) "
+                        "would take hours on it. Use --cpu with a tiny model (weights/tiny-sdxl) and run full-size "
+                        "models on a GPU")
+    return unet_weights
+
+
+def _load_model_cpu(model: Path, height, width, batch: int, log: Log) -> _Loaded:
+    unet_weights = _check_cpu_size(model, str(model))
+    cfg = UNetConfig.parse(unet_weights.config)
+    height, width = check_image_size(height, width, cfg.image_multiple, cfg.default_image_side)
+    tokenizers = open_tokenizers(model)
+    settings = ModelSettings.read(model)
+    lh, lw = height // 8, width // 8
+    specs = {"text_encoder": ("fp16", batch, 0, 0, None), "text_encoder_2": ("fp16", batch, 0, 0, None),
+             "unet": ("fp16", 2 * batch, lh, lw, None), "vae": ("fp32", batch, lh, lw, None)}
+    run = _cpu_networks(model, specs, log)
+    pipeline = Pipeline(run["text_encoder"], run["text_encoder_2"], run["unet"], run["vae"], *tokenizers,
+                        scaling_factor=settings.scaling_factor,
+                        force_zeros_for_empty_prompt=settings.force_zeros_for_empty_prompt)
+    name = model.name if model.is_dir() else model.stem
+    return _Loaded(pipeline, _cpu_denoise(pipeline), settings, name, unet_weights.fingerprint()[:10], height, width,
+                   "CPU (netexec, numpy)", lambda: [e.free() for e in run.values()], cfg.in_channels)
+
+
+def _load_cpu(folder, log: Log) -> _Loaded:
+    """The networks an engines folder's engines were built from, defined again and run by netexec."""
+    from .quant.table import CalibrationTable
+
+    entries = {c: folder.entry(c, need_file=False) for c in COMPONENTS}
+    height, width = folder.image_size(entries)
+    model = folder.model_folder(require_weights=True)
+    _check_cpu_size(model, str(folder.folder))
+    table = None
+    if entries["unet"]["precision"] in ("int8", "fp8"):
+        table = CalibrationTable.load(folder.calibration_path())
+    specs = {}
+    for c, entry in entries.items():
+        lh, lw = (height // 8, width // 8) if c in ("unet", "vae") else (0, 0)
+        batch = int(entry.get("cfg_batch" if c == "unet" else "batch", 1))
+        specs[c] = (entry["precision"], batch, lh, lw, table if c == "unet" else None)
+    run = _cpu_networks(model, specs, log)
+    tokenizers = open_tokenizers(model)
+    settings = ModelSettings.read(model)
+    pipeline = Pipeline(run["text_encoder"], run["text_encoder_2"], run["unet"], run["vae"], *tokenizers,
+                        scaling_factor=settings.scaling_factor,
+                        force_zeros_for_empty_prompt=settings.force_zeros_for_empty_prompt)
+    where = f"CPU (netexec, numpy; the networks of {folder.folder}: unet {entries['unet']['precision']})"
+    return _Loaded(pipeline, _cpu_denoise(pipeline), settings, folder.model_name(), folder.model_hash(), height,
+                   width, where, lambda: [e.free() for e in run.values()], run["unet"].inputs["sample"][0][1])
+
+
+# ---------------------------------------------------------------- the GPU (TensorRT)
+
+
+def _load_gpu(folder, log: Log) -> _Loaded:
+    from . import backend
+    from .runtime import cuda
+    from .runtime.denoiser import GraphDenoiser
+    from .runtime.engine import Engine, EngineExecutor
+
+    count, reason = cuda.probe()
+    if not count:
+        raise UserError(NO_GPU.format(reason=reason))
+    entries = {c: folder.entry(c) for c in COMPONENTS}
+    height, width = folder.image_size(entries)
+    be = backend.get()
+    for entry in entries.values():
+        folder.check_backend(entry, be.name, be.version)
+    model = folder.model_folder(require_weights=False)
+    tokenizers = open_tokenizers(model)
+    settings = ModelSettings.read(model)
+    device = cuda.Device.open()
+    for entry in entries.values():
+        folder.check_target(entry, device.compute_capability, device.name)
+    started = time.perf_counter()
+    stream = cuda.Stream()
+    library = cuda.KernelLibrary(device)
+    run = {c: EngineExecutor(Engine.load(entries[c]["path"]), stream) for c in ("text_encoder", "text_encoder_2", "vae")}
+    denoiser = GraphDenoiser(Engine.load(entries["unet"]["path"]), library, stream)
+    log(f"engines loaded from {folder.folder} ({time.perf_counter() - started:.1f} s); "
+        f"{'CUDA graph' if denoiser.use_graph else 'no CUDA graph (TensorRT says not capturable)'}")
+    pipeline = Pipeline(run["text_encoder"], run["text_encoder_2"], None, run["vae"], *tokenizers,
+                        scaling_factor=settings.scaling_factor,
+                        force_zeros_for_empty_prompt=settings.force_zeros_for_empty_prompt)
+
+    def denoise(cond, scheduler, cfg, seed, latent_shape, on_step):
+        return denoiser.denoise(cond, scheduler, cfg, seed, on_step=on_step)
+
+    def close():
+        for executor in run.values():
+            executor.free()
+        library.unload()
+        stream.destroy()
+        device.close()
+
+    return _Loaded(pipeline, denoise, settings, folder.model_name(), folder.model_hash(), height, width,
+                   f"GPU {device.name} (SM{device.sm}), {be.name} {be.version}", close,
+                   denoiser.sample_spec[0][1])
+
+
+# ---------------------------------------------------------------- shared checks
+
+
+def open_tokenizers(model: Path):
+    """Both tokenizers of a pipeline folder."""
+    from .tokenizer import open_tokenizer
+
+    if not Path(model).is_dir():
+        raise UserError(f"{model} is not a folder, so it holds no tokenizers: pass --model with a diffusers SDXL "
+                        "folder that has tokenizer/ and tokenizer_2/")
+    return open_tokenizer(model, 1), open_tokenizer(model, 2)
