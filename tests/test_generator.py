@@ -143,3 +143,17 @@ def test_moved_folder_runs_on_the_cpu_without_its_checkpoint(built, model_copy, 
     image = Generator.load(moved, device="cpu").generate("a pullover", steps=STEPS, seed=9)[0]
     assert np.array_equal(image.rgb, expected.rgb)
     assert read_png_text(out.read_bytes())["parameters"] == image.infotext
+
+
+def test_the_readme_example_runs(built, tmp_path, monkeypatch, capsys):
+    """The README's library example, verbatim, against a built folder named `engines`."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = re.search(r"## Library API.*?```python\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "engines").symlink_to(built)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "Seed: 42" in out and "Seed: 43" in out
+    assert (tmp_path / "sneaker-42.png").is_file() and (tmp_path / "sneaker-43.png").is_file()
