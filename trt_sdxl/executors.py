@@ -36,10 +36,11 @@ class NetexecExecutor:
         self.network = defined.network
         self.inputs = defined.inputs
         self.outputs = outputs
+        self.program = netexec.Program(self.network, outputs)  # prepared once, run every call
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cast = {k: np.asarray(v).astype(self.inputs[k][1], copy=False) for k, v in feeds.items()}
-        return netexec.run(self.network, cast, self.outputs)
+        return self.program.run(cast)
 
     def free(self) -> None:
-        self.defined = self.network = None
+        self.defined = self.network = self.program = None

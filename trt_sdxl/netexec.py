@@ -32,63 +32,90 @@ def run(network, feeds: dict[str, np.ndarray], outputs: list[str] | None = None)
 
     Returns the marked outputs, or the tensors named in `outputs` (any tensor of the
     network), each as a numpy array of the tensor's declared type. Only the layers the
-    requested tensors depend on are evaluated.
+    requested tensors depend on are evaluated. To evaluate one network many times, make its
+    `Program` once and call `Program.run`.
     """
-    trt = backend.trt()
-    values = _validated_feeds(network, feeds)
-    layers = [network.get_layer(i) for i in range(network.num_layers)]
-    producer = {}
-    for index, layer in enumerate(layers):
-        for j in range(layer.num_outputs):
-            name = layer.get_output(j).name
-            if name in producer or name in values:
-                raise ValueError(f"netexec: two tensors are named {name!r}; tensors are identified by name")
-            producer[name] = index
-    targets = list(outputs) if outputs is not None else [network.get_output(i).name for i in range(network.num_outputs)]
-    for name in targets:
-        if name not in producer and name not in values:
-            raise ValueError(f"netexec: the network has no tensor named {name!r}")
-
-    reads = {}
-    order = _schedule(layers, producer, targets, values, reads, trt)
-    # Drop each tensor after its last reader, so large networks fit in host memory.
-    uses = {name: 1 for name in targets}
-    for index in order:
-        for name in reads[index]:
-            if name is not None:
-                uses[name] = uses.get(name, 0) + 1
-    for index in order:
-        layer = layers[index]
-        kind = layer.type  # read first: IActivationLayer.type is the activation type
-        inputs = [values[name] if name is not None else None for name in reads[index]]
-        results = _evaluate(layer, kind, inputs)
-        for j, array in enumerate(results):
-            tensor = layer.get_output(j)
-            values[tensor.name] = _as_declared(array, tensor, f"{layer.name!r} ({kind.name})")
-        for name in reads[index]:
-            if name is not None:
-                uses[name] -= 1
-                if uses[name] == 0:
-                    del values[name]
-    missing = [name for name in targets if name not in values]
-    if missing:
-        raise ValueError(f"netexec: {missing} have no value of their own (internal to a fused attention)")
-    return {name: values[name] for name in targets}
+    return Program(network, outputs).run(feeds)
 
 
-def _validated_feeds(network, feeds):
+class Program:
+    """A network prepared once for many evaluations: which layers the requested tensors depend on,
+    in what order, what each reads, each output's declared shape and type, and when each value can
+    be dropped. A run then only computes; every layer's attributes (weights included) are still
+    read from TensorRT at each run, so the network stays the one truth."""
+
+    def __init__(self, network, outputs: list[str] | None = None):
+        trt = backend.trt()
+        self.network = network
+        self.inputs = []
+        for i in range(network.num_inputs):
+            tensor = network.get_input(i)
+            self.inputs.append((tensor.name, tuple(tensor.shape), _np_dtype(tensor.dtype, tensor.name)))
+        available = {name: None for name, _, _ in self.inputs}
+        layers = [network.get_layer(i) for i in range(network.num_layers)]
+        producer = {}
+        for index, layer in enumerate(layers):
+            for j in range(layer.num_outputs):
+                name = layer.get_output(j).name
+                if name in producer or name in available:
+                    raise ValueError(f"netexec: two tensors are named {name!r}; tensors are identified by name")
+                producer[name] = index
+        self.targets = list(outputs) if outputs is not None else [
+            network.get_output(i).name for i in range(network.num_outputs)]
+        for name in self.targets:
+            if name not in producer and name not in available:
+                raise ValueError(f"netexec: the network has no tensor named {name!r}")
+        reads: dict[int, list] = {}
+        order = _schedule(layers, producer, self.targets, available, reads, trt)
+        # Drop each tensor after its last reader, so large networks fit in host memory.
+        last_reader: dict[str, int] = {}
+        for position, index in enumerate(order):
+            for name in reads[index]:
+                if name is not None:
+                    last_reader[name] = position
+        drops: dict[int, list[str]] = {}
+        for name, position in last_reader.items():
+            if name not in self.targets:
+                drops.setdefault(position, []).append(name)
+        self.steps = []
+        for position, index in enumerate(order):
+            layer = layers[index]
+            kind = layer.type  # read first: IActivationLayer.type is the activation type
+            entry = _dispatch().get(kind)
+            if entry is None:
+                raise NotImplementedError(
+                    f"netexec: layer {layer.name!r} has type {kind.name}, which is not implemented")
+            layer_class, evaluate = entry
+            layer.__class__ = layer_class  # get_layer() returns a plain ILayer; the subclass exposes the attributes
+            producer_name = f"{layer.name!r} ({kind.name})"
+            declared = [_declared(layer.get_output(j), producer_name) for j in range(layer.num_outputs)]
+            self.steps.append((layer, evaluate, reads[index], declared, producer_name, drops.get(position, ())))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = _validated_feeds(self.inputs, feeds)
+        for layer, evaluate, reads, declared, producer, drops in self.steps:
+            results = evaluate(layer, [values[name] if name is not None else None for name in reads])
+            for array, (name, shape, dtype) in zip(results, declared):
+                values[name] = _to_declared(array, name, shape, dtype, producer)
+            for name in drops:
+                del values[name]
+        missing = [name for name in self.targets if name not in values]
+        if missing:
+            raise ValueError(f"netexec: {missing} have no value of their own (internal to a fused attention)")
+        return {name: values[name] for name in self.targets}
+
+
+def _validated_feeds(inputs, feeds):
     """Feeds checked against the network inputs (rank, every fixed dim) and cast to the declared type."""
     values = {}
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        expected, dtype = tuple(tensor.shape), _np_dtype(tensor.dtype, tensor.name)
-        what = f"network input {tensor.name!r} (shape {expected}, -1 = any; dtype {dtype.name})"
-        if tensor.name not in feeds:
+    for name, expected, dtype in inputs:
+        what = f"network input {name!r} (shape {expected}, -1 = any; dtype {dtype.name})"
+        if name not in feeds:
             raise ValueError(f"netexec: no feed for {what}")
-        array = np.asarray(feeds[tensor.name])
+        array = np.asarray(feeds[name])
         if array.ndim != len(expected) or any(e not in (-1, a) for e, a in zip(expected, array.shape)):
             raise ValueError(f"netexec: feed for {what} has shape {array.shape}")
-        values[tensor.name] = array.astype(dtype, copy=False)
+        values[name] = array.astype(dtype, copy=False)
     unknown = sorted(set(feeds) - set(values))
     if unknown:
         raise ValueError(f"netexec: feeds {unknown} are not inputs of the network (inputs: {sorted(values)})")
@@ -141,33 +168,26 @@ def _input_names(layer, trt):
     return [t.name if t is not None else None for t in tensors]
 
 
-def _evaluate(layer, kind, inputs):
-    entry = _dispatch().get(kind)
-    if entry is None:
-        raise NotImplementedError(f"netexec: layer {layer.name!r} has type {kind.name}, which is not implemented")
-    layer_class, evaluate = entry
-    layer.__class__ = layer_class  # get_layer() returns a plain ILayer; the subclass exposes the attributes
-    return evaluate(layer, inputs)
-
-
-def _as_declared(array, tensor, producer: str):
-    """`array` in the tensor's declared type, after checking its shape against TensorRT's inference."""
+def _declared(tensor, producer: str) -> tuple[str, tuple[int, ...], np.dtype]:
+    """(name, shape, numpy dtype) TensorRT infers for a layer's output."""
     try:
-        declared, trt_dtype = tuple(tensor.shape), tensor.dtype
+        shape, trt_dtype = tuple(tensor.shape), tensor.dtype
     except RuntimeError as error:
         raise ValueError(
             f"netexec: TensorRT cannot infer {tensor.name!r}, the output of layer {producer}: the network "
             f"is invalid there (TensorRT's log above says why)"
         ) from error
+    return tensor.name, shape, _np_dtype(trt_dtype, tensor.name)
+
+
+def _to_declared(array, name: str, declared: tuple[int, ...], dtype: np.dtype, producer: str):
+    """`array` in the tensor's declared type, after checking its shape against TensorRT's inference."""
     array = np.asarray(array)
-    dtype = _np_dtype(trt_dtype, tensor.name)
     if array.dtype != dtype:
         array = array.astype(dtype)
     if array.ndim != len(declared) or any(d not in (-1, a) for d, a in zip(declared, array.shape)):
-        raise RuntimeError(
-            f"netexec: layer {producer} computed shape {array.shape} for "
-            f"{tensor.name!r}, TensorRT declares {declared}"
-        )
+        raise RuntimeError(f"netexec: layer {producer} computed shape {array.shape} for {name!r}, TensorRT "
+                           f"declares {declared}")
     return array
 
 
