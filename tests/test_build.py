@@ -400,8 +400,13 @@ def test_int8_build_calibrates_tunes_and_reports(int8_build):
     assert report["layers_quantized"] > 50
     q = report["quantization"]
     assert q["recipe"] == "int8" and q["calibration"]["prompts"] == 6 and q["calibration"]["steps"] == 3
-    assert q["amax_rule"]["method"] in ("max", "reference", "quantile") and q["smoothing"] in ("smoothed", "unsmoothed")
-    for stage in ("calibration: 6 prompts x 3 steps", "calibration: prompt 6/6", "tune int8: chose amax"):
+    assert set(q["amax_rule"]) == {"conv", "linear", "attention"}  # a rule per layer kind
+    assert all(r["method"] in ("max", "leading_min", "quantile", "modelopt") for r in q["amax_rule"].values())
+    assert q["smoothing"] in ("searched", "none", "alpha 0.8") and not q["fixed_parameters"]
+    # every tuning candidate's image-space score is kept, and the choice is the best of them
+    scores = [c["psnr"] for c in q["tuning_candidates"]]
+    assert len(scores) >= 6 and q["tuning_psnr"] == max(scores)
+    for stage in ("calibration: 6 prompts x 3 steps", "calibration: prompt 6/6", "tune int8: chose"):
         assert stage in proc.stderr, proc.stderr
 
 
@@ -414,7 +419,7 @@ def test_fp8_build_reuses_the_calibration_table(int8_build, tmp_path):
                    str(out / "calibration.npz"))
     assert proc.returncode == 0, proc.stderr
     assert "calibration: 6 prompts" not in proc.stderr  # no new calibration run, only fp8 tuning
-    assert "tune fp8: chose amax" in proc.stderr
+    assert "tune fp8: chose" in proc.stderr
     report = json.loads((fp8 / "build_report.json").read_text())["unet"]
     assert report["macs_8bit"] / report["macs_total"] > 0.95
     assert (fp8 / f"unet.fp8.{TAG}.sm89.plan").exists()

@@ -13,7 +13,7 @@ import numpy as np
 from oracle import rel_l2
 import pytest
 
-from trt_sdxl import weights
+from trt_sdxl import denoising, schedulers, weights
 from trt_sdxl.errors import UserError
 from trt_sdxl.executors import NetexecExecutor
 from trt_sdxl.models import unet
@@ -33,11 +33,15 @@ def random_encoder(cfg):
     """Conditioning drawn from a generator seeded by the prompt's hash: fixed per prompt."""
 
     def encode(prompts):
-        rng = np.random.default_rng(int(hashlib.sha256(prompts[0].encode()).hexdigest()[:8], 16))
-        return Conditioning(
-            context=rng.standard_normal((2, 77, cfg.cross_attention_dim)).astype(np.float32),
-            text_embeds=rng.standard_normal((2, cfg.text_embeds_dim)).astype(np.float32),
-            time_ids=time_ids(8 * LATENT, 8 * LATENT, 2))
+        contexts, embeds = [], []
+        for prompt in prompts:
+            rng = np.random.default_rng(int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16))
+            contexts.append(rng.standard_normal((2, 77, cfg.cross_attention_dim)).astype(np.float32))
+            embeds.append(rng.standard_normal((2, cfg.text_embeds_dim)).astype(np.float32))
+        return Conditioning(  # the uncond halves of every prompt, then the cond halves
+            context=np.concatenate([c[:1] for c in contexts] + [c[1:] for c in contexts]),
+            text_embeds=np.concatenate([e[:1] for e in embeds] + [e[1:] for e in embeds]),
+            time_ids=time_ids(8 * LATENT, 8 * LATENT, 2 * len(prompts)))
 
     return encode
 
@@ -81,16 +85,47 @@ def one_call(component, cfg, net, seed=0):
 def test_amax_rules_follow_their_definitions():
     per_step = np.array([9.0, 4.0, 7.0, 3.0, 5.0])
     assert percentile.amax_from_steps(per_step, AmaxRule("max")) == 9.0
-    # reference: the leading ceil(p * steps) steps, then their minimum
-    assert percentile.amax_from_steps(per_step, AmaxRule("reference", 1.0)) == 3.0
-    assert percentile.amax_from_steps(per_step, AmaxRule("reference", 0.4)) == 4.0  # steps 0, 1
-    assert percentile.amax_from_steps(per_step, AmaxRule("reference", 0.2)) == 9.0  # step 0 only
+    # leading_min: the leading ceil(p * steps) steps, then their minimum
+    assert percentile.amax_from_steps(per_step, AmaxRule("leading_min", 1.0)) == 3.0
+    assert percentile.amax_from_steps(per_step, AmaxRule("leading_min", 0.4)) == 4.0  # steps 0, 1
+    assert percentile.amax_from_steps(per_step, AmaxRule("leading_min", 0.2)) == 9.0  # step 0 only
     assert percentile.amax_from_steps(per_step, AmaxRule("quantile", 0.5)) == 5.0
     prompts_steps = np.array([[1.0, 8.0], [3.0, 2.0]])
     assert np.array_equal(percentile.combine_prompts(prompts_steps, "mean"), [2.0, 5.0])
-    assert percentile.layer_amax(prompts_steps, AmaxRule("reference", 1.0, "max")) == 3.0
+    assert percentile.layer_amax(prompts_steps, AmaxRule("leading_min", 1.0, "max")) == 3.0
     with pytest.raises(ValueError):
-        AmaxRule("reference", 0.0)
+        AmaxRule("leading_min", 0.0)
+
+
+def test_modelopt_rule_is_its_percentile_calibrator():
+    """Hand-computed from ModelOpt's PercentileCalibrator: 4 prompts in calls of 2, 4 steps; a call's
+    amax is the max over its prompts; int(steps * p) leading steps are kept."""
+    values = np.array([[4.0, 2.0, 6.0, 1.0],    # prompt 0  \ call 0: max -> [4, 3, 6, 2]
+                       [1.0, 3.0, 5.0, 2.0],    # prompt 1  /
+                       [2.0, 8.0, 1.0, 1.0],    # prompt 2  \ call 1: max -> [7, 8, 1, 4]
+                       [7.0, 1.0, 1.0, 4.0]])   # prompt 3  /
+    rule = lambda combine, p=1.0: AmaxRule("modelopt", p, combine, 2)  # noqa: E731
+    assert percentile.layer_amax(values, rule("global_min")) == 1.0  # min over steps of min over calls
+    assert percentile.layer_amax(values, rule("min-max")) == 4.0     # per step max over calls [7, 8, 6, 4]: min
+    assert percentile.layer_amax(values, rule("min-max", 0.5)) == 7.0  # int(4 * 0.5) = 2 steps: [7, 8]
+    assert percentile.layer_amax(values, rule("mean-max")) == 6.25   # mean of [7, 8, 6, 4]
+    assert percentile.layer_amax(values, rule("min-mean")) == 1.5    # per step sum / 4 steps: [11, 11, 7, 6] / 4
+    with pytest.raises(ValueError):
+        AmaxRule("modelopt", 1.0, "mean")  # its collect methods only
+
+
+def test_rule_set_applies_a_rule_per_layer_kind(tiny):
+    component, table, _ = tiny
+    conv_rule = AmaxRule("leading_min", 0.5, "max")
+    rules = percentile.RuleSet(conv=conv_rule, linear=AmaxRule("max"), attention=AmaxRule("max"))
+    plan = QuantPlan("int8", table, component, rules, {})
+    conv = next(p for p in table.tensor_amax if recipe.layer_kind(p) == "conv" and plan.is_quantized(p))
+    linear = next(p for p in table.tensor_amax if recipe.layer_kind(p) == "linear" and plan.is_quantized(p))
+    assert plan.act_amax(conv) == percentile.layer_amax(table.tensor_amax[conv], conv_rule)
+    assert plan.act_amax(linear) == float(np.max(table.tensor_amax[linear]))
+    assert percentile.RuleSet.from_json(rules.to_json()) == rules
+    assert recipe.layer_kind("down_blocks.1.attentions.0.transformer_blocks.0.attn1.attention.q") == "attention"
+    assert recipe.layer_kind("up_blocks.0.upsamplers.0.conv") == "conv"
 
 
 # ---------------------------------------------------------------- SmoothQuant
@@ -157,7 +192,7 @@ def test_qdq_placement_follows_the_recipe(tiny, fmt):
 
 def test_same_table_gives_the_same_network(tiny, tmp_path):
     component, table, cfg = tiny
-    table.set_choices("int8", AmaxRule("reference", 0.7, "mean"), all_groups(component, table, "int8"))
+    table.set_choices("int8", AmaxRule("leading_min", 0.7, "mean"), all_groups(component, table, "int8"))
     path = tmp_path / "unet.calib.npz"
     table.save(path)
     outs = [one_call(component, cfg, define(component, "int8", calibration=str(path))) for _ in range(2)]
@@ -199,14 +234,20 @@ def test_tuned_int8_halves_plain_max_error_on_outlier_model(tmp_path):
     def quantized(options):
         return NetexecExecutor(define(component, "int8", calibration=table, quant_options=options))
 
-    tune.tune(table, "int8", component, quantized, NetexecExecutor(define(component)), encode,
+    # a random-weight UNet has no VAE worth decoding with: the tuning compares latents (decode = identity)
+    tune.tune(table, "int8", component, quantized, NetexecExecutor(define(component)), encode, lambda x: x,
               ["held aside 1", "held aside 2"], seed=0, log=lambda m: None, **RUN)
-    prompts, seeds = ["test 1", "test 2", "test 3"], [100, 101, 102]
-    conds = [encode([p]) for p in prompts]
+    cond = encode(["test 1", "test 2", "test 3"])
     fp32 = NetexecExecutor(define(component, "fp32"))
-    refs = [tune.trajectory(fp32, c, seed=s, **RUN) for c, s in zip(conds, seeds)]
-    plain = tune.trajectory_error(quantized({"rule": AmaxRule("max"), "alphas": {}}), refs, conds, seeds, **RUN)
-    tuned = tune.trajectory_error(quantized(table.choices("int8")), refs, conds, seeds, **RUN)
+    shape = (3, *RUN["latent_shape"])
+
+    def run(executor):
+        return denoising.trajectory(executor, cond, schedulers.create(RUN["scheduler"], RUN["steps"]), RUN["cfg"],
+                                    100, shape)
+
+    ref = run(fp32)
+    plain = rel_l2(run(quantized({"rule": AmaxRule("max"), "alphas": {}})), ref)
+    tuned = rel_l2(run(quantized(table.choices("int8"))), ref)
     print(f"\noutlier model: tuned INT8 {tuned:.4f}, plain max INT8 {plain:.4f}, ratio {tuned / plain:.3f}")
     assert tuned <= 0.5 * plain, f"tuned INT8 {tuned:.4f} vs plain max INT8 {plain:.4f} ({tuned / plain:.2f}x)"
 
@@ -218,7 +259,7 @@ def test_quantized_unet_aot_build(tiny, fmt, target):
 
     component, table, _ = tiny
     net = define(component, fmt, calibration=table, quant_options={
-        "rule": AmaxRule("reference", 1.0, "mean"), "alphas": all_groups(component, table, fmt)})
+        "rule": AmaxRule("leading_min", 1.0, "mean"), "alphas": all_groups(component, table, fmt)})
     engine, _ = build_engine(net.definition, target)
     assert engine.nbytes > 100_000, f"{fmt} {target}: engine of {engine.nbytes} bytes"
 

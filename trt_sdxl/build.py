@@ -33,10 +33,11 @@ from .errors import UserError, run_cli
 from .executors import NETEXEC_MAX_UNET_BYTES
 from .files import load_json, write_json, write_temporary
 from .log import logger
+from .quant.recipe import RECIPES
 from .unet_config import UNetConfig, check_image_size
 
 DEFAULT_OUT = Path("engines")
-PRECISIONS = ("fp16", "int8", "fp8")  # the UNet's
+PRECISIONS = ("fp16", "int8", "fp8", "nvidia_modelopt", "nvidia_modelopt_fp8")  # the UNet's (8-bit: quant recipes)
 TEXT_PRECISION = "fp16"
 MODEL_FOLDER = "model"  # the model copy inside an engines folder
 CALIBRATION_FILE = "calibration.npz"
@@ -145,10 +146,13 @@ def report_entry(definition, seconds: float) -> dict:
         entry["quantization"] = {
             "recipe": plan.recipe,
             "amax_rule": plan.rule.to_json(),
+            "fixed_parameters": bool(tuned["report"].get("fixed")),
             "smoothing": tuned["report"].get("smoothing"),
             "smoothed_groups": sum(a is not None for a in plan.alphas.values()),
             "alphas": plan.alphas,
+            "tuning_psnr": tuned["report"].get("psnr"),
             "tuning_trajectory_error": tuned["report"].get("trajectory_error"),
+            "tuning_candidates": tuned["report"].get("candidates"),
             "calibration": {k: plan.table.meta[k] for k in ("scheduler", "steps", "cfg", "prompts", "seed")},
         }
     return entry
@@ -329,7 +333,7 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
     be = backend.get()
     target = choose_target(target)
     check_target_takes(target, vae_precision if "vae" in components else "fp32",
-                       precision if "unet" in components else "fp16")
+                       RECIPES[precision]["format"] if "unet" in components and precision in RECIPES else "fp16")
     log(f"model {model}; {be.name} {be.version}; target {target}; components {', '.join(components)}; "
         f"precision: unet {precision}, vae {vae_precision}, text encoders {TEXT_PRECISION}; "
         f"batch {batch} (unet {2 * batch}: uncond + cond)")
@@ -339,7 +343,7 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
     height, width = image_size(model, jobs, height, width) if {"unet", "vae"} & jobs.keys() else (0, 0)
     if height:
         log(f"image {width}x{height} (latent {width // 8}x{height // 8})")
-    eight_bit = "unet" in jobs and precision in ("int8", "fp8")
+    eight_bit = "unet" in jobs and precision != "fp16"
     if eight_bit:
         from .calibration.workflow import check_can_calibrate
 

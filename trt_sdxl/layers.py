@@ -241,11 +241,13 @@ def quantize_dequantize(d: Definition, x, scale, fmt: str, axis: int | None = No
 
 
 def _quantized_weight(d: Definition, path: str, weight: np.ndarray):
-    """A weight [O, ...] quantized per output channel (axis 0), dequantized to the compute dtype."""
-    amax = np.abs(weight.astype(np.float32)).reshape(weight.shape[0], -1).max(axis=1)
-    fmt = d.quant.format
+    """A weight [O, ...] quantized per output channel (axis 0) or per tensor, as the recipe says,
+    dequantized to the compute dtype."""
+    fmt, axis = d.quant.format, d.quant.weight_axis
+    magnitude = np.abs(weight.astype(np.float32)).reshape(weight.shape[0], -1)
+    amax = magnitude.max(axis=1) if axis == 0 else magnitude.max()
     scale = np.maximum(amax, 1e-8) / QMAX[fmt]
-    return quantize_dequantize(d, constant(d, weight, f"{path}.weight"), scale, fmt, axis=0, name=f"{path}.weight")
+    return quantize_dequantize(d, constant(d, weight, f"{path}.weight"), scale, fmt, axis=axis, name=f"{path}.weight")
 
 
 def smooth_input(d: Definition, x, path: str):
@@ -265,21 +267,20 @@ def smooth_input(d: Definition, x, path: str):
 
 
 def tap(d: Definition, x, path: str, channel_axis: int, sample_rows: bool) -> None:
-    """Calibration: the per-channel abs-max of x as output `amax:<path>` ([C], fp32), and for a
-    [B, S, C] linear input a few sampled token rows as `rows:<path>` ([B*R, C])."""
+    """Calibration: the per-sample, per-channel abs-max of x as output `amax:<path>` ([B, C], fp32),
+    and for a [B, S, C] linear input a few sampled token rows as `rows:<path>` ([B, R, C])."""
     if d.taps is None or not d.taps.wants(path):
         return
     trt = backend.trt()
     rank = len(x.shape)
     axis = channel_axis % rank
-    mask = sum(1 << i for i in range(rank) if i != axis)
+    mask = sum(1 << i for i in range(1, rank) if i != axis)  # every axis but the batch and the channel
     red = d.network.add_reduce(unary(d, x, "ABS"), trt.ReduceOperation.MAX, mask, False)
-    mark_output(d, red.get_output(0), f"amax:{path}", np.float32)  # [C]
+    mark_output(d, red.get_output(0), f"amax:{path}", np.float32)  # [B, C]
     if sample_rows and rank == 3:
-        b, s, c = x.shape
-        idx = d.taps.sample_positions(s)
+        idx = d.taps.sample_positions(x.shape[1])
         rows = d.network.add_gather(x, constant(d, idx), 1).get_output(0)  # [B, R, C]
-        mark_output(d, reshape(d, rows, (b * len(idx), c)), f"rows:{path}", np.float32)
+        mark_output(d, rows, f"rows:{path}", np.float32)
     d.taps.add(path)
 
 

@@ -35,11 +35,19 @@ class StatsCollector:
         self.rows: dict[str, list[np.ndarray]] = {}
         self.sample_steps = sorted({0, steps // 3, (2 * steps) // 3, steps - 1})
 
+    def add_batch(self, first: int, count: int, step: int, outputs: dict[str, np.ndarray]) -> None:
+        """One UNet call of prompts first..first+count-1: its CFG rows are the uncond halves of the
+        prompts, then their cond halves (2 * count rows); a prompt's statistics cover both."""
+        for k in range(count):
+            self.add(first + k, step, {name: np.concatenate([value[k:k + 1], value[count + k:count + k + 1]])
+                                       for name, value in outputs.items() if name.partition(":")[0] in ("amax", "rows")})
+
     def add(self, prompt: int, step: int, outputs: dict[str, np.ndarray]) -> None:
+        """One prompt's tap outputs at one step: `amax:<path>` [rows, C] and `rows:<path>` [rows, R, C]."""
         for name, value in outputs.items():
             kind, _, path = name.partition(":")
             if kind == "amax":
-                v = np.asarray(value, np.float32)
+                v = np.asarray(value, np.float32).reshape(-1, np.shape(value)[-1]).max(axis=0)
                 if path not in self.tensor:
                     self.tensor[path] = np.zeros((self.prompts, self.steps), np.float32)
                     self._sum[path] = np.zeros((self.steps, v.size), np.float64)
@@ -50,7 +58,8 @@ class StatsCollector:
                 np.maximum(self._max[path][step], v, out=self._max[path][step])
                 np.minimum(self._min[path][step], v, out=self._min[path][step])
             elif kind == "rows" and prompt < SAMPLE_PROMPTS and step in self.sample_steps:
-                self.rows.setdefault(path, []).append(np.asarray(value, np.float32))
+                value = np.asarray(value, np.float32)
+                self.rows.setdefault(path, []).append(value.reshape(-1, value.shape[-1]))
 
     def table(self, meta: dict) -> CalibrationTable:
         chan = {p: np.stack([self._sum[p] / self.prompts, self._max[p], self._min[p]]).astype(np.float32)
@@ -62,15 +71,19 @@ class StatsCollector:
 def run_calibration(unet_executor, encode: Callable[[list[str]], Conditioning], prompts: list[str], *,
                     scheduler: str = "euler", steps: int = 20, cfg: float = 5.0, seed: int = 0,
                     latent_shape: tuple[int, int, int] = (4, 128, 128), unet_fingerprint: str = "",
-                    log: Log = silent) -> CalibrationTable:
-    """Calibrate over `prompts` (batch 1 each, CFG batch 2); returns the statistics as a table."""
+                    batch: int = 1, log: Log = silent) -> CalibrationTable:
+    """Calibrate over `prompts`, `batch` prompts per UNet call (CFG batch 2 x batch; prompt p is
+    seeded with seed + p whatever the batch); returns the statistics as a table."""
     collector = StatsCollector(len(prompts), steps)
     started = time.perf_counter()
-    for p, prompt in enumerate(prompts):
-        trajectory(unet_executor, encode([prompt]), schedulers.create(scheduler, steps), cfg, seed + p,
-                   (1, *latent_shape), on_step=lambda i, t, out, p=p: collector.add(p, i, out))
-        left = (time.perf_counter() - started) / (p + 1) * (len(prompts) - p - 1)
-        log(f"calibration: prompt {p + 1}/{len(prompts)} ({steps} steps), about {format_seconds(left)} left")
+    for first in range(0, len(prompts), batch):
+        chunk = prompts[first:first + batch]
+        trajectory(unet_executor, encode(chunk), schedulers.create(scheduler, steps), cfg, seed + first,
+                   (len(chunk), *latent_shape),
+                   on_step=lambda i, t, out, first=first, n=len(chunk): collector.add_batch(first, n, i, out))
+        done = first + len(chunk)
+        left = (time.perf_counter() - started) / done * (len(prompts) - done)
+        log(f"calibration: prompt {done}/{len(prompts)} ({steps} steps), about {format_seconds(left)} left")
     meta = {
         "format_version": FORMAT_VERSION,
         "unet_fingerprint": unet_fingerprint,

@@ -14,10 +14,15 @@ from ..errors import UserError
 from ..executors import NETEXEC_MAX_UNET_BYTES
 from ..log import Log, silent
 from ..pipeline import Pipeline
+from ..quant.percentile import AmaxRule
+from ..quant.plan import QuantPlan, fixed_choices
 from ..quant.table import CalibrationTable
 from .calibrate import run_calibration
 from .prompts import load_prompts
-from .tune import tune
+from .tune import SEEDS_PER_PROMPT, tune
+
+CALIBRATION_BATCH = 8  # prompts per calibration call (CFG batch 16): netexec's per-layer cost is shared
+TUNE_STEPS = 10  # denoising steps of the tuning runs (quantized and FP16 alike)
 
 
 def heldout_count(prompts: int) -> int:
@@ -27,16 +32,20 @@ def heldout_count(prompts: int) -> int:
 
 
 def _factory(model, batch: int, latent_h: int, latent_w: int, run):
-    """make(kind, **define_options) -> executor of that network, where `run(defined, name)` makes
-    the executor: the calibration network, the FP16 UNet, each tuning candidate, the text encoders."""
-    from ..models import clip, unet
+    """make(kind, images=batch, **define_options) -> executor of that network for `images` images
+    (the UNet takes their CFG batch), where `run(defined, name)` makes the executor: the
+    calibration network, the FP16 UNet, each tuning candidate, the text encoders, the VAE."""
+    from ..models import clip, unet, vae
 
-    def make(kind: str, **options):
+    def make(kind: str, images: int | None = None, **options):
+        images = images or batch
         if kind == "unet":
-            return run(unet.define(model, batch=2 * batch, latent_height=latent_h, latent_width=latent_w,
+            return run(unet.define(model, batch=2 * images, latent_height=latent_h, latent_width=latent_w,
                                    **options), kind)
         if kind.startswith("text_encoder"):
-            return run(clip.define(model, encoder=2 if kind.endswith("_2") else 1, batch=batch), kind)
+            return run(clip.define(model, encoder=2 if kind.endswith("_2") else 1, batch=images), kind)
+        if kind == "vae":
+            return run(vae.define(model, batch=images, latent_height=latent_h, latent_width=latent_w), kind)
         raise ValueError(kind)
 
     return make
@@ -101,12 +110,24 @@ def text_conditioning(model, make, height: int, width: int):
     return lambda prompts: pipe.encode_prompt(prompts, None, height, width)
 
 
+def image_decoder(model, make):
+    """decode(latents) -> images [B, 3, H, W] in [-1, 1], through the model's VAE network."""
+    from ..pipeline import ModelSettings
+
+    pipe = Pipeline(None, None, None, make("vae"), None, None,
+                    scaling_factor=ModelSettings.read(model).scaling_factor)
+    return pipe.decode
+
+
 def calibrate_and_tune(model, unet_component, recipe: str, *, height: int, width: int,
                        calibration: str | None = None, prompts_file: str | None = None, steps: int = 20,
                        scheduler: str = "euler", cfg: float = 5.0, seed: int = 0, factory=None,
+                       batch: int = CALIBRATION_BATCH, tune_steps: int = TUNE_STEPS,
                        log: Log = silent) -> CalibrationTable:
-    """The table for `recipe`: read from `calibration` (tuned now if it lacks `recipe`), or measured.
-    The caller writes it (the build, together with the engines, so a failed build keeps the old one)."""
+    """The table for `recipe`: read from `calibration` (tuned now if it lacks `recipe`), or measured
+    (`batch` prompts per UNet call). A recipe with fixed parameters (NVIDIA's) takes them as they
+    are; the others are tuned on the held-aside prompts with `tune_steps`-step runs. The caller
+    writes the table (the build, together with the engines, so a failed build keeps the old one)."""
     fingerprint = unet_component.fingerprint()
     table = CalibrationTable.load(calibration, fingerprint) if calibration else None
     if table is not None and recipe in table.meta.get("tuned", {}):
@@ -122,24 +143,35 @@ def calibrate_and_tune(model, unet_component, recipe: str, *, height: int, width
         prompts = load_prompts(prompts_file)
         held = heldout_count(len(prompts))
         calib, heldout = prompts[:-held], prompts[-held:]
-        log(f"calibration: {len(calib)} prompts x {steps} steps ({scheduler}, CFG {cfg}), "
-            f"{held} held aside for tuning")
-        executor = factory("unet", calibration_taps=True)
+        batch = max(1, min(batch, len(calib)))
+        log(f"calibration: {len(calib)} prompts x {steps} steps ({scheduler}, CFG {cfg}), {batch} prompts per "
+            f"call, {held} held aside for tuning")
+        executor = factory("unet", images=batch, calibration_taps=True)
         try:
             table = run_calibration(executor, encode, calib, scheduler=scheduler, steps=steps, cfg=cfg, seed=seed,
-                                    latent_shape=latent, unet_fingerprint=fingerprint, log=log)
+                                    latent_shape=latent, unet_fingerprint=fingerprint, batch=batch, log=log)
         finally:
             executor.free()
         table.meta["heldout"] = heldout
+    fixed = fixed_choices(recipe, QuantPlan(recipe, table, unet_component, rule=AmaxRule(), alphas={}).groups())
+    if fixed is not None:
+        log(f"{recipe}: NVIDIA's fixed parameters, not tuned (amax {fixed['rule'].describe()})")
+        table.set_choices(recipe, fixed["rule"], fixed["alphas"], {"fixed": True})
+        return table
     builtin = load_prompts(None)
-    log(f"tuning {recipe}: SmoothQuant alpha per layer group, then the amax rule over whole trajectories")
-    fp16 = factory("unet")
+    heldout = table.meta.get("heldout") or builtin[-heldout_count(len(builtin)):]
+    images = len(heldout) * SEEDS_PER_PROMPT
+    tune_steps = min(tune_steps, table.meta["steps"])
+    log(f"tuning {recipe}: SmoothQuant alpha per layer group, then the amax rule per layer kind, judged on "
+        f"{len(heldout)} held-aside prompts x {SEEDS_PER_PROMPT} seeds ({tune_steps} steps) against FP16 images")
+    fp16 = factory("unet", images=images)
+    decode = image_decoder(model, factory)
     try:
         tune(table, recipe, unet_component,
-             lambda options: factory("unet", precision=recipe, calibration=table, quant_options=options),
-             fp16, encode, table.meta.get("heldout") or builtin[-heldout_count(len(builtin)):],
-             scheduler=table.meta["scheduler"], steps=table.meta["steps"], cfg=table.meta["cfg"], seed=seed,
-             latent_shape=latent, log=log)
+             lambda options: factory("unet", images=images, precision=recipe, calibration=table,
+                                     quant_options=options),
+             fp16, encode, decode, heldout, scheduler=table.meta["scheduler"], steps=tune_steps,
+             cfg=table.meta["cfg"], seed=seed, latent_shape=latent, log=log)
     finally:
         fp16.free()
     return table

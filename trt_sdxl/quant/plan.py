@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .percentile import AmaxRule, amax_from_steps, layer_amax
-from .recipe import QMAX, RECIPES, check_recipe, is_quantized, smoothing_rule
+from .percentile import AmaxRule, RuleSet, amax_from_steps, layer_amax
+from .recipe import QMAX, RECIPES, check_recipe, is_quantized, layer_kind, smoothing_rule
 from .smoothquant import smoothing_scales, weight_channel_amax
 from .table import CalibrationTable
 
@@ -50,19 +50,29 @@ class CalibrationTaps:
         return np.linspace(0, tokens - 1, min(SAMPLE_POSITIONS, tokens)).round().astype(np.int32)
 
 
+def fixed_choices(recipe: str, groups) -> dict | None:
+    """A recipe's fixed parameters as QuantPlan options (rule, alphas over `groups`), or None when
+    the recipe is tuned."""
+    fixed = check_recipe(recipe).get("fixed")
+    if fixed is None:
+        return None
+    return {"rule": RuleSet.from_json(fixed["rule"]), "alphas": {g: fixed["alpha"] for g in groups}}
+
+
 class QuantPlan:
     """Quantization decisions for one recipe from one CalibrationTable (deterministic)."""
 
-    def __init__(self, recipe: str, table: CalibrationTable, weights, rule: AmaxRule, alphas: dict[str, float | None],
-                 qdq: bool = True, conv_alpha: float | None = None):
+    def __init__(self, recipe: str, table: CalibrationTable, weights, rule: AmaxRule | RuleSet,
+                 alphas: dict[str, float | None], qdq: bool = True, conv_alpha: float | None = None):
         # qdq=False applies SmoothQuant's transforms without quantizing: the network must then equal
         # the FP16 one up to rounding, whatever the alphas (how the tests prove every fold exact).
         self.qdq = qdq
         self.recipe = recipe
         self.format = check_recipe(recipe)["format"]
         self.quantize_bmm = RECIPES[recipe]["attention_bmm"] and qdq
+        self.weight_axis = 0 if RECIPES[recipe]["weights"] == "channel" else None  # per output channel, or tensor
         self.table = table
-        self.rule = rule
+        self.rule = RuleSet.of(rule)
         self.alphas = alphas
         self.scales: dict[str, np.ndarray] = {}  # consumer path -> s
         self.norm_divisors: dict[str, np.ndarray] = {}
@@ -142,14 +152,18 @@ class QuantPlan:
         is max over channels of the prompt-combined channel maxima divided by s: exact for combine
         "max", and for "mean"/"min" a lower value (max_c mean_p <= mean_p max_c) — a mild clip.
         """
+        rule = self.rule.for_kind(layer_kind(path))
         s = self.scales.get(path)
         if s is None:
-            return layer_amax(self.table.tensor_amax[path], self.rule)
+            return layer_amax(self.table.tensor_amax[path], rule)
         stats = self.table.channel_amax[path] / s  # [3, T, C]: mean, max, min over prompts
-        if self.rule.method == "max":
+        if rule.method == "max":
             return float(stats[1].max())
-        which = {"mean": 0, "max": 1, "min": 2}[self.rule.combine]
-        return amax_from_steps(stats[which].max(axis=-1), self.rule)
+        if rule.method == "modelopt":
+            raise ValueError(f"{path}: the modelopt rule reads per-prompt values, which a smoothed input lacks; "
+                             "ModelOpt itself max-calibrates smoothed (linear) inputs")
+        which = {"mean": 0, "max": 1, "min": 2}[rule.combine]
+        return amax_from_steps(stats[which].max(axis=-1), rule)
 
     def act_scale(self, path: str) -> float:
         return max(self.act_amax(path), 1e-8) / QMAX[self.format]

@@ -14,6 +14,8 @@ conv_shortcut 1.0%, conv_in + conv_out + time embeddings 0.01%.
 - `int8_nvidia_2.5`: NVIDIA's "quant level 2.5" for SDXL INT8 (convolutions, feed-forward,
   q/k/v): 79.4% of the MACs; kept for comparison.
 - `fp8`: the `int8` layers plus the attention BMMs (q, k, v and the softmax output): 99.0%.
+- `nvidia_modelopt`, `nvidia_modelopt_fp8`: NVIDIA's recipes as ModelOpt's diffusers example
+  defines them, with their fixed parameters — the baseline our tuning is measured against.
 Always high precision: `conv_in`, `conv_out`, the time/added embeddings, all norms.
 """
 
@@ -31,16 +33,33 @@ _ALL_CONV_LINEAR = (r"\.conv[12]$", r"\.conv_shortcut$", r"\.downsamplers\.0\.co
                     r"\.ff\.net\.0\.proj$", r"\.ff\.net\.2$", r"\.attn[12]\.to_[qkv]$", r"\.attn[12]\.to_out\.0$",
                     r"\.proj_in$", r"\.proj_out$")
 
-# Module-path patterns per recipe level: a conv/linear whose path matches is quantized.
+_LEVEL_2_5 = (r"\.conv[12]$", r"\.downsamplers\.0\.conv$", r"\.upsamplers\.0\.conv$",
+              r"\.ff\.net\.0\.proj$", r"\.ff\.net\.2$", r"\.attn[12]\.to_[qkv]$")
+# ModelOpt's level 3/4 linear set minus its filter_func (conv_shortcut and proj_out stay high precision)
+_MODELOPT_ALL = (r"\.conv[12]$", r"\.downsamplers\.0\.conv$", r"\.upsamplers\.0\.conv$",
+                 r"\.ff\.net\.0\.proj$", r"\.ff\.net\.2$", r"\.attn[12]\.to_[qkv]$", r"\.attn[12]\.to_out\.0$",
+                 r"\.proj_in$")
+
+# Module-path patterns per recipe: a conv/linear whose path matches is quantized. `weights`: scale
+# per output channel or per tensor. `fixed`: parameters taken as they are instead of tuned — the
+# amax rule per layer kind and one SmoothQuant alpha for every smoothing group (None: none).
 RECIPES = {
-    "int8": {"format": "int8", "layers": _ALL_CONV_LINEAR, "attention_bmm": False},
-    "int8_nvidia_2.5": {
-        "format": "int8",
-        "layers": (r"\.conv[12]$", r"\.downsamplers\.0\.conv$", r"\.upsamplers\.0\.conv$",
-                   r"\.ff\.net\.0\.proj$", r"\.ff\.net\.2$", r"\.attn[12]\.to_[qkv]$"),
-        "attention_bmm": False,
-    },
-    "fp8": {"format": "fp8", "layers": _ALL_CONV_LINEAR, "attention_bmm": True},
+    "int8": {"format": "int8", "layers": _ALL_CONV_LINEAR, "attention_bmm": False, "weights": "channel"},
+    "int8_nvidia_2.5": {"format": "int8", "layers": _LEVEL_2_5, "attention_bmm": False, "weights": "channel"},
+    "fp8": {"format": "fp8", "layers": _ALL_CONV_LINEAR, "attention_bmm": True, "weights": "channel"},
+    # NVIDIA's recipe exactly as ModelOpt's diffusers example defines it (NVIDIA/TensorRT-Model-Optimizer,
+    # diffusers/quantization/{config.py,utils.py,quantize.py,build_sdxl_8bit_engine.sh}, commit
+    # 7adf8483795790753e0673abf433479ae741caf7): INT8 at quant level 2.5 (convolutions, feed-forward, q/k/v),
+    # conv inputs by its PercentileCalibrator (collect_method min-mean, percentile 1.0, 2 prompts per call),
+    # linear inputs by max after SmoothQuant alpha 0.8, weights per output channel.
+    "nvidia_modelopt": {"format": "int8", "layers": _LEVEL_2_5, "attention_bmm": False, "weights": "channel",
+                        "fixed": {"rule": {"conv": {"method": "modelopt", "p": 1.0, "combine": "min-mean", "batch": 2},
+                                           "linear": {"method": "max"}, "attention": {"method": "max"}},
+                                  "alpha": 0.8}},
+    # ... and its FP8 (quant level 4): every conv and linear but its filter, plus the attention BMMs;
+    # weights and activations per tensor, max calibration throughout, no SmoothQuant.
+    "nvidia_modelopt_fp8": {"format": "fp8", "layers": _MODELOPT_ALL, "attention_bmm": True, "weights": "tensor",
+                            "fixed": {"rule": {"method": "max"}, "alpha": None}},
 }
 
 # 8-bit maxima: scale = amax / QMAX (INT8 symmetric; FP8 e4m3's largest finite value).
@@ -90,6 +109,15 @@ def is_quantized(recipe: str, path: str) -> bool:
     if any(re.search(p, path) for p in ALWAYS_HIGH_PRECISION):
         return False
     return any(re.search(p, path) for p in check_recipe(recipe)["layers"])
+
+
+def layer_kind(path: str) -> str:
+    """'attention' (a BMM input: `.attention.q/k/v`), 'conv' or 'linear', by module path."""
+    if path.endswith((".attention.q", ".attention.k", ".attention.v")):
+        return "attention"
+    if re.search(r"(^conv_in$|^conv_out$|\.conv[12]$|\.conv_shortcut$|samplers\.0\.conv$)", path):
+        return "conv"
+    return "linear"
 
 
 def smoothing_rule(path: str) -> tuple[SmoothingRule, str, str] | None:

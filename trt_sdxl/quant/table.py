@@ -23,9 +23,9 @@ import numpy as np
 
 from ..errors import UserError
 from ..files import write_atomic
-from .percentile import AmaxRule
+from .percentile import RuleSet
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: amax rules per layer kind, rule `leading_min` (was `reference`)
 
 
 @dataclass
@@ -36,15 +36,15 @@ class CalibrationTable:
     rows: dict[str, np.ndarray] = field(default_factory=dict)  # path -> [N, C]
 
     def choices(self, recipe: str) -> dict:
-        """The tuned choices for `recipe`: {"rule": AmaxRule, "alphas": {group: alpha or None}}."""
+        """The tuned choices for `recipe`: {"rule": RuleSet, "alphas": {group: alpha or None}}."""
         tuned = self.meta.get("tuned", {}).get(recipe)
         if tuned is None:
             raise UserError(f"the calibration table has no tuned parameters for {recipe} "
                             f"(it has: {', '.join(self.meta.get('tuned', {})) or 'none'}); calibrate for {recipe}")
-        return {"rule": AmaxRule(**tuned["rule"]), "alphas": dict(tuned["alphas"])}
+        return {"rule": RuleSet.from_json(tuned["rule"]), "alphas": dict(tuned["alphas"])}
 
-    def set_choices(self, recipe: str, rule: AmaxRule, alphas: dict, report: dict | None = None) -> None:
-        self.meta.setdefault("tuned", {})[recipe] = {"rule": rule.to_json(), "alphas": alphas,
+    def set_choices(self, recipe: str, rule, alphas: dict, report: dict | None = None) -> None:
+        self.meta.setdefault("tuned", {})[recipe] = {"rule": RuleSet.of(rule).to_json(), "alphas": alphas,
                                                      "report": report or {}}
 
     def channel_max(self, path: str) -> np.ndarray:
