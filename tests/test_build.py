@@ -3,6 +3,7 @@ and the embedded tiny default model those builds start from."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -78,10 +79,10 @@ def test_default_build_writes_four_engines_manifest_and_report(default_build):
     u = engines["unet"]
     assert [i["name"] for i in u["inputs"]] == ["sample", "timestep", "encoder_hidden_states", "text_embeds",
                                                "time_ids"]
-    assert u["inputs"][0] == {"name": "sample", "shape": [2, 4, 16, 16], "dtype": "half"}
+    assert u["inputs"][0] == {"name": "sample", "shape": [2, 4, 8, 8], "dtype": "half"}
     assert u["inputs"][2]["shape"] == [2, 77, 64] and u["inputs"][3]["shape"] == [2, 32]
-    assert u["outputs"] == [{"name": "noise_pred", "shape": [2, 4, 16, 16], "dtype": "half"}]
-    assert (u["image_height"], u["image_width"]) == (128, 128)
+    assert u["outputs"] == [{"name": "noise_pred", "shape": [2, 4, 8, 8], "dtype": "half"}]
+    assert (u["image_height"], u["image_width"]) == (64, 64)
     for component, folder in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
         e = engines[component]
         assert e["inputs"] == [{"name": "input_ids", "shape": [1, 77], "dtype": "int32"}]
@@ -90,8 +91,8 @@ def test_default_build_writes_four_engines_manifest_and_report(default_build):
     assert engines["text_encoder_2"]["outputs"][1] == {"name": "text_embeds", "shape": [1, 32], "dtype": "half"}
     assert len(engines["text_encoder"]["outputs"]) == 1
     v = engines["vae"]
-    assert v["inputs"] == [{"name": "latent", "shape": [1, 4, 16, 16], "dtype": "float"}]
-    assert v["outputs"] == [{"name": "image", "shape": [1, 3, 128, 128], "dtype": "float"}]
+    assert v["inputs"] == [{"name": "latent", "shape": [1, 4, 8, 8], "dtype": "float"}]
+    assert v["outputs"] == [{"name": "image", "shape": [1, 3, 64, 64], "dtype": "float"}]
 
     for component in COMPONENTS:
         r = report[component]
@@ -117,9 +118,9 @@ def test_components_subset_batch_and_vae_precision(tmp_path):
     engines = json.loads((out / "manifest.json").read_text())["engines"]
     assert sorted(engines) == ["unet", "vae"]
     assert engines["vae"]["file"] == f"vae.bf16.{TAG}.sm89.plan" and engines["vae"]["precision"] == "bf16"
-    assert engines["unet"]["inputs"][0]["shape"] == [4, 4, 16, 16]  # 2 images per prompt: CFG batch 4
-    assert engines["vae"]["inputs"][0]["shape"] == [2, 4, 16, 16]
-    assert engines["vae"]["outputs"][0]["shape"] == [2, 3, 128, 128]
+    assert engines["unet"]["inputs"][0]["shape"] == [4, 4, 8, 8]  # 2 images per prompt: CFG batch 4
+    assert engines["vae"]["inputs"][0]["shape"] == [2, 4, 8, 8]
+    assert engines["vae"]["outputs"][0]["shape"] == [2, 3, 64, 64]
     assert all(e["batch"] == 2 and e["cfg_batch"] == 4 for e in engines.values())
     assert "text_encoder" not in proc.stderr
 
@@ -250,7 +251,7 @@ def damage_remove(path: Path) -> None:
      "tokenizer/tokenizer_config.json: not valid JSON"),
     (lambda m: (m / "tokenizer" / "vocab.json").write_text(json.dumps(
         {**json.loads((m / "tokenizer" / "vocab.json").read_text()), "zzz</w>": 50000})), [],
-     "tokenizer/vocab.json: token ids go up to 50000, but the text_encoder has 814 token embeddings"),
+     "tokenizer/vocab.json: token ids go up to 50000, but the text_encoder has 600 token embeddings"),
 ])
 def test_bad_checkpoint_is_one_clear_line(previous_build, model_copy, damage, args, needle):
     damage(model_copy)
@@ -267,8 +268,8 @@ def test_vae_only_build_needs_nothing_else(tmp_path, model_copy):
     assert proc.returncode == 0, proc.stderr
     entry = json.loads((out / "manifest.json").read_text())["engines"]["vae"]
     # without a UNet, the image size comes from the VAE config's sample_size (SDXL's is the image side)
-    assert (entry["image_height"], entry["image_width"]) == (128, 128)
-    assert entry["outputs"][0]["shape"] == [1, 3, 128, 128]
+    assert (entry["image_height"], entry["image_width"]) == (64, 64)
+    assert entry["outputs"][0]["shape"] == [1, 3, 64, 64]
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -312,40 +313,49 @@ def test_failed_build_leaves_previous_outputs_intact(tmp_path, monkeypatch, defa
 # ---------------------------------------------------------------- the embedded default model
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("make_tiny_default", REPO / "tools" / "make_tiny_default.py")
+def load_train_tool():
+    spec = importlib.util.spec_from_file_location("train_tiny_default", REPO / "tools" / "train_tiny_default.py")
     tool = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tool  # its dataclasses look their module up
     spec.loader.exec_module(tool)
     return tool
 
 
-def tree_bytes(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+def test_committed_default_is_what_the_train_tool_makes():
+    """The embedded default records the training it came from: the tool's own settings, its size
+    budget, and a classifier that recognizes what it draws."""
+    tool = load_train_tool()
+    log = json.loads((DEFAULT_MODEL / "training_log.json").read_text())
+    assert log["settings"] == dataclasses.asdict(tool.Settings())
+    total = sum(p.stat().st_size for p in DEFAULT_MODEL.rglob("*") if p.is_file())
+    assert total <= 12 * 2**20, f"the embedded model is {total / 2**20:.1f} MiB"
+    generated, real = log["evaluation"]["generated"]["accuracy"], log["evaluation"]["real_test"]["accuracy"]
+    assert generated >= 0.9 and real >= 0.85, (generated, real)
+    assert (DEFAULT_MODEL / "calibration_prompts.txt").is_file()
 
 
-def test_tiny_default_tool_is_deterministic_and_made_the_committed_weights(tmp_path):
+@pytest.mark.slow
+def test_train_tool_is_seeded_and_writes_a_pipeline_folder(tmp_path):
+    """Two quick runs (a few steps of each stage) write the same tensors, into a folder diffusers
+    loads and our pipeline draws from."""
     from safetensors.numpy import load_file
 
-    tool = load_tool()
-    first, second = tree_bytes(tool.make(tmp_path / "a")), tree_bytes(tool.make(tmp_path / "b"))
-    assert first == second, [k for k in first if first[k] != second.get(k)]
-    committed = tree_bytes(DEFAULT_MODEL)
-    assert sorted(committed) == sorted(first)
-    assert sum(map(len, committed.values())) < 8 * 2**20, "the embedded model should stay a few MB"
-    # Tensors are compared exactly; JSON apart from the library versions it records, which the
-    # installed diffusers/transformers may have moved on from.
-    versions = ("_diffusers_version", "transformers_version")
-    for name, data in committed.items():
-        if name.endswith(".safetensors"):
-            made, have = load_file(tmp_path / "a" / name), load_file(DEFAULT_MODEL / name)
-            assert sorted(made) == sorted(have), name
-            for key in have:
-                assert have[key].dtype == made[key].dtype and (have[key] == made[key]).all(), f"{name}: {key}"
-        elif name.endswith(".json"):
-            strip = lambda d: {k: v for k, v in d.items() if k not in versions}  # noqa: E731
-            assert strip(json.loads(data)) == strip(json.loads(first[name])), name
-        else:
-            assert data == first[name], name
+    if not (load_train_tool().DATA / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST is not installed (Debian's dataset-fashion-mnist)")
+    folders = []
+    for name in ("a", "b"):
+        proc = subprocess.run([sys.executable, str(REPO / "tools" / "train_tiny_default.py"), "--quick", "--out",
+                               str(tmp_path / name)], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        folders.append(tmp_path / name)
+    for weights_file in sorted(folders[0].rglob("*.safetensors")):
+        made, again = load_file(weights_file), load_file(folders[1] / weights_file.relative_to(folders[0]))
+        assert sorted(made) == sorted(again) and all((made[k] == again[k]).all() for k in made), weights_file
+    from trt_sdxl import Generator
+
+    image = Generator.from_model(folders[0]).generate("a photo of a sneaker", steps=2, seed=0)[0]
+    assert image.rgb.shape == (64, 64, 3)
 
 
 def test_tiny_default_loads_in_diffusers_offline(monkeypatch):
@@ -357,14 +367,14 @@ def test_tiny_default_loads_in_diffusers_offline(monkeypatch):
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
     assert pipe.scheduler.config.timestep_spacing == "leading" and pipe.scheduler.config.steps_offset == 1
     assert pipe.vae.config.force_upcast and pipe.vae_scale_factor == 8
-    assert pipe.default_sample_size * pipe.vae_scale_factor == 128
+    assert pipe.default_sample_size * pipe.vae_scale_factor == 64
     assert pipe.unet.config.cross_attention_dim == (pipe.text_encoder.config.hidden_size
                                                     + pipe.text_encoder_2.config.hidden_size)
-    embeds, _, pooled, _ = pipe.encode_prompt("a horse on the moon", do_classifier_free_guidance=False)
+    embeds, _, pooled, _ = pipe.encode_prompt("a photo of a sneaker", do_classifier_free_guidance=False)
     assert tuple(embeds.shape) == (1, 77, 64) and tuple(pooled.shape) == (1, 32)
     with torch.no_grad():
-        image = pipe.vae.decode(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))).sample
-    assert tuple(image.shape) == (1, 3, 128, 128) and torch.isfinite(image).all()
+        image = pipe.vae.decode(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))).sample
+    assert tuple(image.shape) == (1, 3, 64, 64) and torch.isfinite(image).all()
 
 
 # ---------------------------------------------------------------- 8-bit builds
@@ -513,3 +523,29 @@ def test_cpu_preview_runs_the_int8_networks_of_the_folder(int8_build):
     fp16 = Generator.from_model(DEFAULT_MODEL).generate("a lighthouse at sunset", steps=3, seed=1)[0]
     assert image.rgb.shape == fp16.rgb.shape and not np.array_equal(image.rgb, fp16.rgb)
     assert "unet int8" in preview.where
+
+
+@pytest.mark.slow
+def test_interrupted_tuning_keeps_the_finished_calibration(tmp_path, monkeypatch):
+    """Ctrl-C while tuning: the finished calibration stays (OUT/.calibration-stats.npz); the next
+    build resumes from it instead of calibrating again, and removes it when it succeeds."""
+    from trt_sdxl.calibration import workflow
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(FEW_PROMPTS) + "\n")
+    out = tmp_path / "engines"
+    args = ["--out", str(out), "--precision", "int8", "--calibration-prompts", str(prompts),
+            "--calibration-steps", "3", "--components", "unet"]
+    real_tune = workflow.tune
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflow, "tune", interrupted)
+    assert build.main(args) == 130
+    assert (out / ".calibration-stats.npz").is_file() and not (out / "calibration.npz").exists()
+    monkeypatch.setattr(workflow, "tune", real_tune)
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from the finished calibration" in proc.stderr and "calibration: prompt 6/6" not in proc.stderr
+    assert (out / "calibration.npz").is_file() and not (out / ".calibration-stats.npz").exists()

@@ -41,6 +41,7 @@ PRECISIONS = ("fp16", "int8", "fp8", "nvidia_modelopt", "nvidia_modelopt_fp8")  
 TEXT_PRECISION = "fp16"
 MODEL_FOLDER = "model"  # the model copy inside an engines folder
 CALIBRATION_FILE = "calibration.npz"
+STATS_CACHE = ".calibration-stats.npz"  # a finished calibration kept until the build that tunes it succeeds
 log = logger("trt_sdxl.build")
 
 
@@ -366,7 +367,7 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
 
         table = calibrate_and_tune(model, jobs["unet"].checkpoint, precision, height=height, width=width,
                                    calibration=calibration, prompts_file=calibration_prompts,
-                                   steps=calibration_steps, log=log)
+                                   steps=calibration_steps, stats_cache=out / STATS_CACHE, log=log)
         define(jobs["unet"], precision, table)
 
     manifest = read_manifest(out / "manifest.json")
@@ -396,6 +397,7 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
             log(f"wrote {out / name}")
         commit_model_copy(staging, out)
         staging = None
+        (out / STATS_CACHE).unlink(missing_ok=True)
     finally:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)

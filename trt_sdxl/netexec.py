@@ -415,12 +415,24 @@ _ACTIVATION = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _fp16_activation_table(kind: str, alpha: float, beta: float) -> np.ndarray:
+    """`kind` evaluated, as _activation does, on every one of the 65536 fp16 values (by bit pattern)."""
+    every = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    with np.errstate(all="ignore"):
+        return _ACTIVATION[kind](every, np.float32(alpha), np.float32(beta))
+
+
 def _activation(layer, inputs):
     kind = layer.type.name  # IActivationLayer.type is the ActivationType
     fn = _ACTIVATION.get(kind)
     if fn is None:
         raise _unsupported(layer, f"activation {kind}")
-    x = _f32(inputs[0]) if _is_float(inputs[0]) else inputs[0]
+    x = inputs[0]
+    if kind == "GELU_ERF" and x.dtype == np.float16:
+        # elementwise and deterministic: a lookup gives the very same values, without an erf per element
+        return [_fp16_activation_table(kind, float(layer.alpha), float(layer.beta))[x.view(np.uint16)]]
+    x = _f32(x) if _is_float(x) else x
     return [fn(x, np.float32(layer.alpha), np.float32(layer.beta))]
 
 

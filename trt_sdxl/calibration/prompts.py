@@ -3,7 +3,9 @@
 styles (photo, painting, illustration, 3D render, pixel art, line art) and lighting, so that
 activation ranges seen during calibration cover what users ask for.
 
-`load_prompts(path)` reads a user's file instead: one prompt per line, `#` comments ignored.
+`load_prompts(path)` reads a user's file instead: one prompt per line, `#` comments ignored. A
+model folder may carry prompts of its own domain as `calibration_prompts.txt` (the embedded tiny
+default does: it draws only Fashion-MNIST's ten kinds of clothing); `model_prompts(model)` finds it.
 """
 
 from __future__ import annotations
@@ -88,6 +90,15 @@ CALIBRATION_PROMPTS = (
     "a portrait of a samurai in traditional armour, ukiyo-e woodblock print",
     "an empty highway stretching into the horizon under a pink sky",
 )
+
+
+MODEL_PROMPTS = "calibration_prompts.txt"
+
+
+def model_prompts(model) -> Path | None:
+    """The model folder's own calibration prompt file, if it has one."""
+    path = Path(model) / MODEL_PROMPTS
+    return path if path.is_file() else None
 
 
 def load_prompts(path: str | Path | None) -> list[str]:

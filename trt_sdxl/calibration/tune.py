@@ -17,6 +17,7 @@ Measured on trained models only (random-weight models rank these methods wrongly
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from .. import denoising, schedulers
 from ..denoising import Conditioning
-from ..log import Log, silent
+from ..log import Log, format_seconds, silent
 from ..quant.percentile import AmaxRule, RuleSet
 from ..quant.plan import QuantPlan
 from ..quant.recipe import check_recipe
@@ -105,6 +106,10 @@ def tune(table: CalibrationTable, recipe: str, weights, quantized_executor: Call
     held = HeldAside(cond, base_seed, shape, ref_latents, decode(ref_latents))
     settings = {"searched": alphas, "none": {g: None for g in alphas}, "alpha 0.8": {g: NVIDIA_ALPHA for g in alphas}}
     scores: dict[tuple[str, str], dict] = {}
+    kinds = ("conv", "linear", "attention") if fmt_has_bmm else ("conv", "linear")
+    candidates_smoothing = [s for s in settings if alphas] or ["none"]
+    planned = len(candidates_smoothing) + sum(len(CANDIDATE_RULES[k]) - 1 for k in kinds) + bool(alphas)
+    started = time.perf_counter()
 
     def evaluate(rules: RuleSet, setting: str) -> float:
         key = (rules.describe(), setting)
@@ -120,15 +125,15 @@ def tune(table: CalibrationTable, recipe: str, weights, quantized_executor: Call
             finite = image_psnr[np.isfinite(image_psnr)]
             scores[key] = {"rules": rules, "setting": setting, "psnr": float(finite.mean()) if finite.size else 99.0,
                            "psnr_min": float(finite.min()) if finite.size else 99.0, "latent_error": latent_error}
-            log(f"tune {recipe}: {setting:<9} amax {rules.describe():<60} PSNR {scores[key]['psnr']:6.2f} dB "
-                f"(worst image {scores[key]['psnr_min']:5.2f}), latent error {latent_error:.4f}")
+            left = (time.perf_counter() - started) / len(scores) * max(0, planned - len(scores))
+            log(f"tune {recipe}: [{len(scores)}/{planned}] {setting:<9} amax {rules.describe():<60} PSNR "
+                f"{scores[key]['psnr']:6.2f} dB (worst image {scores[key]['psnr_min']:5.2f}), latent error "
+                f"{latent_error:.4f}; about {format_seconds(left)} left")
         return scores[key]["psnr"]
 
     plain = RuleSet.uniform(MAX)
-    candidates_smoothing = [s for s in settings if alphas] or ["none"]
     best_setting = max(candidates_smoothing, key=lambda s: evaluate(plain, s))
     best = plain
-    kinds = ("conv", "linear", "attention") if fmt_has_bmm else ("conv", "linear")
     for kind in kinds:
         options = [RuleSet(**{**{k: best.for_kind(k) for k in ("conv", "linear", "attention")}, kind: rule})
                    for rule in CANDIDATE_RULES[kind]]

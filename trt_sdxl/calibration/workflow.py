@@ -8,6 +8,7 @@ full-size one, so a full-size model without a GPU is refused with a pointer to
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from ..errors import UserError
@@ -18,7 +19,7 @@ from ..quant.percentile import AmaxRule
 from ..quant.plan import QuantPlan, fixed_choices
 from ..quant.table import CalibrationTable
 from .calibrate import run_calibration
-from .prompts import load_prompts
+from .prompts import load_prompts, model_prompts
 from .tune import SEEDS_PER_PROMPT, tune
 
 CALIBRATION_BATCH = 8  # prompts per calibration call (CFG batch 16): netexec's per-layer cost is shared
@@ -110,6 +111,24 @@ def text_conditioning(model, make, height: int, width: int):
     return lambda prompts: pipe.encode_prompt(prompts, None, height, width)
 
 
+def cached_calibration(path: Path | None, fingerprint: str, prompts: list[str], steps: int, scheduler: str,
+                       cfg: float, seed: int, latent: tuple, log: Log) -> CalibrationTable | None:
+    """The finished calibration an interrupted build left at `path`, if it was made for exactly this."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        table = CalibrationTable.load(path, fingerprint)
+    except UserError:
+        return None
+    meta = table.meta
+    wanted = {"steps": steps, "scheduler": scheduler, "cfg": cfg, "seed": seed, "latent_shape": list(latent),
+              "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+    if any(meta.get(k) != v for k, v in wanted.items()):
+        return None
+    log(f"calibration: resuming from the finished calibration in {path} ({meta['prompts']} prompts x {steps} steps)")
+    return table
+
+
 def image_decoder(model, make):
     """decode(latents) -> images [B, 3, H, W] in [-1, 1], through the model's VAE network."""
     from ..pipeline import ModelSettings
@@ -123,11 +142,15 @@ def calibrate_and_tune(model, unet_component, recipe: str, *, height: int, width
                        calibration: str | None = None, prompts_file: str | None = None, steps: int = 20,
                        scheduler: str = "euler", cfg: float = 5.0, seed: int = 0, factory=None,
                        batch: int = CALIBRATION_BATCH, tune_steps: int = TUNE_STEPS,
-                       log: Log = silent) -> CalibrationTable:
+                       stats_cache: Path | None = None, log: Log = silent) -> CalibrationTable:
     """The table for `recipe`: read from `calibration` (tuned now if it lacks `recipe`), or measured
     (`batch` prompts per UNet call). A recipe with fixed parameters (NVIDIA's) takes them as they
     are; the others are tuned on the held-aside prompts with `tune_steps`-step runs. The caller
-    writes the table (the build, together with the engines, so a failed build keeps the old one)."""
+    writes the table (the build, together with the engines, so a failed build keeps the old one).
+
+    `stats_cache`: where the finished calibration is kept before tuning starts, and taken from when
+    it matches (same checkpoint, prompts, steps, scheduler, size), so a build interrupted after
+    calibrating resumes without calibrating again."""
     fingerprint = unet_component.fingerprint()
     table = CalibrationTable.load(calibration, fingerprint) if calibration else None
     if table is not None and recipe in table.meta.get("tuned", {}):
@@ -140,9 +163,14 @@ def calibrate_and_tune(model, unet_component, recipe: str, *, height: int, width
         factory = default_factory(model, unet_component, recipe, 1, latent[1], latent[2], log)
     encode = text_conditioning(model, factory, 8 * latent[1], 8 * latent[2])
     if table is None:
+        prompts_file = prompts_file or model_prompts(model)
+        if prompts_file is not None:
+            log(f"calibration: prompts from {prompts_file}")
         prompts = load_prompts(prompts_file)
         held = heldout_count(len(prompts))
         calib, heldout = prompts[:-held], prompts[-held:]
+        table = cached_calibration(stats_cache, fingerprint, calib, steps, scheduler, cfg, seed, latent, log)
+    if table is None:
         batch = max(1, min(batch, len(calib)))
         log(f"calibration: {len(calib)} prompts x {steps} steps ({scheduler}, CFG {cfg}), {batch} prompts per "
             f"call, {held} held aside for tuning")
@@ -153,6 +181,8 @@ def calibrate_and_tune(model, unet_component, recipe: str, *, height: int, width
         finally:
             executor.free()
         table.meta["heldout"] = heldout
+        if stats_cache is not None:
+            table.save(stats_cache)  # the finished calibration survives an interrupted tuning
     fixed = fixed_choices(recipe, QuantPlan(recipe, table, unet_component, rule=AmaxRule(), alphas={}).groups())
     if fixed is not None:
         log(f"{recipe}: NVIDIA's fixed parameters, not tuned (amax {fixed['rule'].describe()})")
