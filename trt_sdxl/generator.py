@@ -233,6 +233,14 @@ def infotext(fields: dict) -> str:
     return "\n".join(lines)
 
 
+def _pipeline(run: dict, unet, tokenizers, settings: ModelSettings) -> Pipeline:
+    """The pipeline over the text encoder and VAE executors of `run`, the UNet executor `unet` (None
+    where the GPU loop drives the engine itself), the tokenizers and the model folder's settings."""
+    return Pipeline(run["text_encoder"], run["text_encoder_2"], unet, run["vae"], *tokenizers,
+                    scaling_factor=settings.scaling_factor,
+                    force_zeros_for_empty_prompt=settings.force_zeros_for_empty_prompt)
+
+
 # ---------------------------------------------------------------- the CPU (netexec)
 
 
@@ -297,9 +305,7 @@ def _load_model_cpu(model: Path, height, width, batch: int, log: Log) -> _Loaded
     specs = {"text_encoder": ("fp16", batch, 0, 0, None), "text_encoder_2": ("fp16", batch, 0, 0, None),
              "unet": ("fp16", 2 * batch, lh, lw, None), "vae": ("fp32", batch, lh, lw, None)}
     run = _cpu_networks(model, specs, log)
-    pipeline = Pipeline(run["text_encoder"], run["text_encoder_2"], run["unet"], run["vae"], *tokenizers,
-                        scaling_factor=settings.scaling_factor,
-                        force_zeros_for_empty_prompt=settings.force_zeros_for_empty_prompt)
+    pipeline = _pipeline(run, run["unet"], tokenizers, settings)
     name = model.name if model.is_dir() else model.stem
     return _Loaded(pipeline, _cpu_denoise(pipeline), settings, name, unet_weights.fingerprint()[:10], height, width,
                    "CPU (netexec, numpy)", lambda: [e.free() for e in run.values()], cfg.in_channels)
@@ -324,9 +330,7 @@ def _load_cpu(folder, log: Log) -> _Loaded:
     run = _cpu_networks(model, specs, log)
     tokenizers = open_tokenizers(model)
     settings = ModelSettings.read(model)
-    pipeline = Pipeline(run["text_encoder"], run["text_encoder_2"], run["unet"], run["vae"], *tokenizers,
-                        scaling_factor=settings.scaling_factor,
-                        force_zeros_for_empty_prompt=settings.force_zeros_for_empty_prompt)
+    pipeline = _pipeline(run, run["unet"], tokenizers, settings)
     where = f"CPU (netexec, numpy; the networks of {folder.folder}: unet {entries['unet']['precision']})"
     return _Loaded(pipeline, _cpu_denoise(pipeline), settings, folder.model_name(), folder.model_hash(), height,
                    width, where, lambda: [e.free() for e in run.values()], run["unet"].inputs["sample"][0][1])
@@ -362,9 +366,7 @@ def _load_gpu(folder, log: Log) -> _Loaded:
     denoiser = GraphDenoiser(Engine.load(entries["unet"]["path"]), library, stream)
     log(f"engines loaded from {folder.folder} ({time.perf_counter() - started:.1f} s); "
         f"{'CUDA graph' if denoiser.use_graph else 'no CUDA graph (TensorRT says not capturable)'}")
-    pipeline = Pipeline(run["text_encoder"], run["text_encoder_2"], None, run["vae"], *tokenizers,
-                        scaling_factor=settings.scaling_factor,
-                        force_zeros_for_empty_prompt=settings.force_zeros_for_empty_prompt)
+    pipeline = _pipeline(run, None, tokenizers, settings)
 
     def denoise(cond, scheduler, cfg, seed, latent_shape, on_step):
         return denoiser.denoise(cond, scheduler, cfg, seed, on_step=on_step)
