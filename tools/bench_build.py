@@ -123,6 +123,58 @@ def write_random_component(root: Path, component: str) -> Path:
     return folder
 
 
+def shape_only_component(component: str = "unet", variant: str = "sdxl_base_1.0"):
+    """The full-size `component` as an opened Component whose tensors are zeros of the real names,
+    shapes and dtype (fp16), allocated lazily (untouched pages cost no memory): for defining and
+    checking full-size networks (which layers, which Q/DQ, the MACs) without a weight file."""
+    from trt_sdxl import weights
+
+    config, shapes = layout(component, variant)
+
+    class ShapeOnly(weights.Component):
+        def __init__(self):
+            super().__init__(component, config, f"<full-size {variant} {component}, shapes only>", [], {})
+            self._shapes = dict(shapes)
+
+        def __contains__(self, key):
+            return key in self._shapes
+
+        def __len__(self):
+            return len(self._shapes)
+
+        def keys(self):
+            return list(self._shapes)
+
+        def shape(self, key):
+            if key not in self._shapes:
+                raise weights.UserError(f"{self.source}: no tensor {key!r}")
+            return self._shapes[key]
+
+        def dtype(self, key):
+            return "float16"
+
+        @property
+        def weight_bytes(self):
+            return 2 * sum(int(np.prod(s)) for s in self._shapes.values())
+
+        def get(self, key, dtype=np.float16, shape=None):
+            have = self.shape(key)
+            if shape is not None and tuple(shape) != have:
+                raise weights.UserError(f"{self.source}: tensor {key!r} has shape {have}, expected {tuple(shape)}")
+            self.consumed.add(key)
+            return np.zeros(have, np.float16 if dtype is None else dtype)
+
+        def check_all_consumed(self):
+            left = [k for k in self._shapes if k not in self.consumed]
+            if left:
+                raise weights.UserError(f"{self.source}: {len(left)} tensors unused, e.g. {left[0]}")
+
+        def fingerprint(self):
+            return "0" * 64
+
+    return ShapeOnly()
+
+
 # ---------------------------------------------------------------- one measurement (child process)
 
 

@@ -55,6 +55,7 @@ METHODS = {
     "INT8 plain max": ("int8", "plain"),
     "INT8 nvidia_modelopt": ("nvidia_modelopt", None),
     "INT8 ours": ("int8", None),
+    "INT8 ours, level 3": ("int8_level3", None),
     "FP8 plain max": ("fp8", "plain"),
     "FP8 nvidia_modelopt": ("nvidia_modelopt_fp8", None),
     "FP8 ours": ("fp8", None),
@@ -128,7 +129,7 @@ def calibrated_table(model: Path, workdir: Path, steps: int) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "calibration.npz"
     table = True if path.is_file() else None  # a table left by an earlier run is reused (recipes it has are done)
-    for recipe in ("int8", "fp8", "nvidia_modelopt", "nvidia_modelopt_fp8"):
+    for recipe in ("int8", "int8_level3", "fp8", "nvidia_modelopt", "nvidia_modelopt_fp8"):
         table = workflow.calibrate_and_tune(model, component, recipe, height=side, width=side, steps=steps,
                                             calibration=str(path) if table is not None else None,
                                             log=lambda m: log(f"{model.name}: {m}"))

@@ -9,6 +9,8 @@ stop) and surfaces as KeyboardInterrupt, not as a failed build.
 
 from __future__ import annotations
 
+import functools
+import os
 import shutil
 import signal
 import subprocess
@@ -20,6 +22,7 @@ from . import backend
 from .errors import UserError
 from .log import Log, silent
 
+EIGHT_BIT_OPTIMIZATION_LEVEL = 4  # NVIDIA builds its 8-bit SDXL engines at level 4 (ModelOpt's example)
 FP8_MIN_SM = 89  # FP8 tensor cores: Ada, Hopper, Blackwell
 BF16_MIN_SM = 80  # bfloat16 arithmetic starts with Ampere (SM 8.0)
 
@@ -40,17 +43,26 @@ def tensor_specs(network, which: str) -> list[dict]:
 # ---------------------------------------------------------------- target
 
 
-def present_gpu_target() -> str | None:
-    """'SM89'-style name of the first GPU, from nvidia-smi; None without a GPU."""
+def present_gpu() -> tuple[str, str] | None:
+    """('SM89', 'NVIDIA GeForce RTX 4090') of the first GPU, from nvidia-smi; None without a GPU."""
     exe = shutil.which("nvidia-smi")
     if not exe:
         return None
     try:
-        out = subprocess.run([exe, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20, check=True).stdout.split()
+        out = subprocess.run([exe, "--query-gpu=compute_cap,name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20, check=True).stdout.strip().splitlines()
     except (OSError, subprocess.SubprocessError):
         return None
-    return "SM" + out[0].replace(".", "") if out else None
+    if not out or "," not in out[0]:
+        return None
+    cap, name = (f.strip() for f in out[0].split(",", 1))
+    return "SM" + cap.replace(".", ""), name
+
+
+def present_gpu_target() -> str | None:
+    """'SM89'-style name of the first GPU; None without a GPU."""
+    found = present_gpu()
+    return found[0] if found else None
 
 
 def choose_target(requested: str | None) -> str:
@@ -140,12 +152,15 @@ class BuildMonitor:
             signal.signal(signal.SIGINT, previous)
 
 
-def build_engine(definition, target: str, log: Log = silent):
+def build_engine(definition, target: str, log: Log = silent, optimization_level: int | None = None):
     """Serialize the network for `target`; returns the engine (TensorRT host memory, which supports
-    the buffer protocol: written to disk or deserialized without a copy) and the seconds it took."""
+    the buffer protocol: written to disk or deserialized without a copy) and the seconds it took.
+    `optimization_level`: the builder's (0-5; None: TensorRT's default, 3)."""
     be = backend.get()
     config = definition.builder.create_builder_config()
     be.set_target(config, target)
+    if optimization_level is not None:
+        config.builder_optimization_level = optimization_level
     monitor = BuildMonitor(log)
     monitor.attach(config)
     start = time.perf_counter()
@@ -158,3 +173,79 @@ def build_engine(definition, target: str, log: Log = silent):
         raise UserError(f"{be.name} {be.version} could not build the network for {target} "
                         "(the builder's messages above say why)")
     return serialized, seconds
+
+
+# ---------------------------------------------------------------- fused 8-bit attention
+
+
+class _QuietLogger:
+    """A TensorRT logger that drops messages: a probe's failure is an answer, not an error."""
+
+    def __new__(cls):
+        trt = backend.trt()
+
+        class Quiet(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+
+            def log(self, severity, msg):
+                pass
+
+        return Quiet()
+
+
+@contextmanager
+def _stderr_silenced():
+    """The builder's compiler prints its own failure to fd 2; a probe's is expected."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@functools.lru_cache(maxsize=None)
+def fused_attention_builds(fmt: str, q_shape: tuple, k_shape: tuple, target: str) -> bool:
+    """Whether the backend builds a non-decomposable attention with `fmt` (int8/fp8) Q/DQ inputs of
+    these [B, N, S, D] shapes for `target`: i.e. has a fused 8-bit kernel for them. A one-layer
+    network, built once per shape (about a second). Backends without the attention layer fuse the
+    matmul-softmax-matmul pattern themselves and cannot be asked: True."""
+    import numpy as np
+
+    be = backend.get()
+    if not be.has_attention_layer:
+        return True
+    trt = be.module
+    builder = trt.Builder(_QuietLogger())
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    keep = []
+
+    def const(value, dtype):
+        array = np.array(value, dtype)
+        keep.append(array)
+        return network.add_constant((), trt.Weights(array)).get_output(0)
+
+    eight_bit = trt.int8 if fmt == "int8" else trt.fp8
+    inputs = []
+    for name, dims in (("q", q_shape), ("k", k_shape), ("v", k_shape)):
+        x = network.add_input(name, trt.float16, tuple(dims))
+        scale = const(0.01, np.float32)
+        q = network.add_quantize(x, scale, eight_bit)
+        inputs.append(network.add_dequantize(q.get_output(0), scale, trt.float16).get_output(0))
+    att = network.add_attention(*inputs, trt.AttentionNormalizationOp.SOFTMAX, False)
+    att.decomposable = False
+    att.normalization_quantize_scale = const(1.0 / (448.0 if fmt == "fp8" else 127.0), np.float16)
+    att.normalization_quantize_to_type = eight_bit
+    network.mark_output(att.get_output(0))
+    config = builder.create_builder_config()
+    be.set_target(config, target)
+    with _stderr_silenced():
+        return builder.build_serialized_network(network, config) is not None
+
+
+def fused_attention_check(target: str):
+    """attention_check for unet.define: asks the builder, per distinct shape, for `target`."""
+    return lambda fmt, q_shape, k_shape: fused_attention_builds(fmt, tuple(q_shape), tuple(k_shape), target)

@@ -60,6 +60,13 @@ class Definition:
     taps: object = None
     # explicit SmoothQuant multiplies, one per (group, input tensor): the layers of a group share it
     smoothing: dict[tuple[str, str], object] = field(default_factory=dict)
+    # one Q/DQ per quantized tensor: input tensor name -> (scale, the dequantized tensor its consumers read)
+    quantized_inputs: dict[str, tuple[float, object]] = field(default_factory=dict)
+    # attention_check(fmt, q_shape, k_shape) -> whether the backend has a fused 8-bit attention kernel
+    # for those shapes (trt_sdxl.engines.fused_attention_check); where not, that attention keeps FP16
+    # BMMs and its name goes into attention_fallbacks
+    attention_check: object = None
+    attention_fallbacks: list[str] = field(default_factory=list)
     _keep: list[np.ndarray] = field(default_factory=list, repr=False)
 
     @property
@@ -222,8 +229,10 @@ def slice_axis(d: Definition, x, axis: int, start: int, size: int, name=None):
 # ---------------------------------------------------------------- weighted layers
 
 
-def quantize_dequantize(d: Definition, x, scale, fmt: str, axis: int | None = None, name: str | None = None):
-    """Q/DQ pair: x -> int8/fp8 with `scale` (scalar: per tensor; vector: per channel on `axis`) -> x's type.
+def quantize_dequantize(d: Definition, x, scale, fmt: str, axis: int | None = None, name: str | None = None,
+                        to=None):
+    """Q/DQ pair: x -> int8/fp8 with `scale` (scalar: per tensor; vector: per channel on `axis`) -> x's
+    type, or the numpy dtype `to`.
 
     Quantize is round-half-to-even with saturation (INT8 to [-128, 127], FP8 e4m3 to ±448).
     """
@@ -231,7 +240,7 @@ def quantize_dequantize(d: Definition, x, scale, fmt: str, axis: int | None = No
     scale = np.asarray(scale, np.float32)
     s = constant(d, scale.reshape(()) if axis is None else scale.reshape(-1))
     q = d.network.add_quantize(x, s, trt.int8 if fmt == "int8" else trt.fp8)
-    dq = d.network.add_dequantize(q.get_output(0), s, x.dtype)
+    dq = d.network.add_dequantize(q.get_output(0), s, x.dtype if to is None else trt_dtype(to))
     if axis is not None:
         q.axis = axis
         dq.axis = axis
@@ -285,10 +294,21 @@ def tap(d: Definition, x, path: str, channel_axis: int, sample_rows: bool) -> No
 
 
 def _quantized_input(d: Definition, x, path: str):
+    """x (smoothed where the plan says) through one Q/DQ pair, shared by every quantized layer that
+    reads the same tensor (attn1's q/k/v, attn2's k/v): one quantizing pass, and one 8-bit tensor
+    the builder can feed to a fused QKV GEMM. The plan gives a group's members one scale."""
     x = smooth_input(d, x, path)
     if not d.quant.qdq:
         return x
-    return quantize_dequantize(d, x, d.quant.act_scale(path), d.quant.format, name=f"{path}.input")
+    scale = d.quant.input_scale(path)
+    found = d.quantized_inputs.get(x.name)
+    if found is not None:
+        if found[0] != scale:
+            raise ValueError(f"{path}: its input {x.name} is already quantized with scale {found[0]!r}, not {scale!r}")
+        return found[1]
+    dq = quantize_dequantize(d, x, scale, d.quant.format, name=f"{path}.input")
+    d.quantized_inputs[x.name] = (scale, dq)
+    return dq
 
 
 def conv2d(d: Definition, x, path: str, out_channels: int, kernel: int, stride: int = 1,
@@ -449,12 +469,17 @@ def causal_mask(d: Definition, sq: int, sk: int, np_dtype):
 def attention(d: Definition, q, k, v, name: str, causal: bool = False, probs_format: str | None = None):
     """softmax(q k^T [+ causal mask]) v over [B, N, S, D]; q must be pre-scaled by 1/sqrt(D).
 
-    Uses TensorRT's fused attention layer where the backend has one (decomposable, so a
-    head size without a fused kernel still builds), else matmul-softmax-matmul. The causal
-    mask (CLIP's text encoders) is an explicit additive mask in both forms, which every
-    TensorRT version reads the same way. `probs_format` ("fp8"/"int8") quantizes the softmax
-    output before the second BMM — through the attention layer's normalization-quantize scale,
-    or a Q/DQ pair in the unfused form; probabilities lie in [0, 1], so amax is 1.
+    Uses TensorRT's fused attention layer where the backend has one, else matmul-softmax-matmul.
+    In high precision the layer is decomposable (a head size without a fused kernel still
+    builds); quantized (`probs_format` "fp8"/"int8": q, k, v arrive as Q/DQ outputs) it is not:
+    decomposed, an 8-bit attention would run as separate BMMs with the score matrix in memory,
+    slower than FP16 — the build then fails and falls back to FP16 attention, logged
+    (trt_sdxl.build). The causal mask (CLIP's text encoders) is an explicit additive mask in both
+    forms, which every TensorRT version reads the same way. The softmax output is quantized before
+    the second BMM — through the attention layer's normalization-quantize scale, or a Q/DQ pair in
+    the unfused form; probabilities lie in [0, 1], so amax is 1. The unfused FP8 form computes in
+    FP32 between its Q/DQ pairs (q/k/v dequantized to FP32, output cast back), the pattern
+    TensorRT's FP8 MHA fusion matches: it has FP32-accumulation FP8 MHA kernels only.
     """
     be = backend.get()
     trt = be.module
@@ -469,7 +494,7 @@ def attention(d: Definition, q, k, v, name: str, causal: bool = False, probs_for
         probs_scale = 1.0 / QMAX[probs_format]
     if be.has_attention_layer:
         att = d.network.add_attention(q, k, v, trt.AttentionNormalizationOp.SOFTMAX, False)
-        att.decomposable = True
+        att.decomposable = probs_format is None
         if mask is not None:
             att.mask = mask
         if probs_scale is not None:
@@ -477,6 +502,7 @@ def attention(d: Definition, q, k, v, name: str, causal: bool = False, probs_for
             att.normalization_quantize_to_type = trt.int8 if probs_format == "int8" else trt.fp8
         att.name = name
         return att.get_output(0)  # [B, N, Sq, D]
+    fp32_core = q.dtype == trt.float32 and d.dtype != np.float32  # FP8 q, k, v dequantized to FP32
     scores = _named(d.network.add_matrix_multiply(q, trt.MatrixOperation.NONE, k, trt.MatrixOperation.TRANSPOSE),
                     f"{name}.bmm1")  # [B, N, Sq, Sk]
     if mask is not None:
@@ -486,8 +512,9 @@ def attention(d: Definition, q, k, v, name: str, causal: bool = False, probs_for
     probs = _named(softmax, f"{name}.softmax")
     if probs_scale is not None:
         probs = quantize_dequantize(d, probs, probs_scale, probs_format, name=f"{name}.probs")
-    return _named(d.network.add_matrix_multiply(probs, trt.MatrixOperation.NONE, v, trt.MatrixOperation.NONE),
-                  f"{name}.bmm2")  # [B, N, Sq, D]
+    out = _named(d.network.add_matrix_multiply(probs, trt.MatrixOperation.NONE, v, trt.MatrixOperation.NONE),
+                 f"{name}.bmm2")  # [B, N, Sq, D]
+    return cast(d, out, d.dtype, name=f"{name}.output") if fp32_core else out
 
 
 def multi_head_attention(d: Definition, x, context, path: str, heads: int, qkv_bias: bool = False,
@@ -508,14 +535,22 @@ def multi_head_attention(d: Definition, x, context, path: str, heads: int, qkv_b
     att = f"{path}.attention"
     for part, tensor in (("q", q), ("k", k), ("v", v)):
         tap(d, tensor, f"{att}.{part}", channel_axis=-1, sample_rows=False)
-    probs_format = None
-    if d.quant is not None and d.quant.quantize_bmm and d.quant.has_stats(f"{att}.q"):
-        probs_format = d.quant.format
-        q, k, v = (quantize_dequantize(d, tensor, d.quant.act_scale(f"{att}.{part}"), probs_format,
-                                       name=f"{att}.{part}") for part, tensor in (("q", q), ("k", k), ("v", v)))
     q = reshape(d, q, (b, s, heads, head_dim), second_transpose=(0, 2, 1, 3))  # [B, N, S, D]
     k = reshape(d, k, (b, t, heads, head_dim), second_transpose=(0, 2, 1, 3))  # [B, N, T, D]
     v = reshape(d, v, (b, t, heads, head_dim), second_transpose=(0, 2, 1, 3))  # [B, N, T, D]
+    probs_format = None
+    quantize = d.quant is not None and d.quant.quantize_bmm and d.quant.has_stats(f"{att}.q")
+    if quantize and d.attention_check is not None and not d.attention_check(d.quant.format, shape(q), shape(k)):
+        d.attention_fallbacks.append(att)
+        quantize = False
+    if quantize:
+        # Q/DQ on the BMM inputs themselves, after the head shuffles (per-tensor scales commute
+        # with them), as TensorRT's 8-bit MHA fusion wants them; FP32 out of the DQ in the unfused
+        # FP8 form (see `attention`).
+        probs_format = d.quant.format
+        to = np.float32 if probs_format == "fp8" and not backend.get().has_attention_layer else None
+        q, k, v = (quantize_dequantize(d, tensor, d.quant.act_scale(f"{att}.{part}"), probs_format,
+                                       name=f"{att}.{part}", to=to) for part, tensor in (("q", q), ("k", k), ("v", v)))
     o = attention(d, q, k, v, name=att, causal=causal, probs_format=probs_format)  # [B, N, S, D]
     o = reshape(d, o, (b, s, c), first_transpose=(0, 2, 1, 3))  # [B, S, C]
     return linear(d, o, no, c)

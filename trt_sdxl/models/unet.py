@@ -133,8 +133,8 @@ def input_specs(cfg: UNetConfig, batch: int, latent_height: int, latent_width: i
 
 
 def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 128, latent_width: int = 128,
-           progress=None, calibration=None, quant_options: dict | None = None, calibration_taps: bool = False
-           ) -> UNetNetwork:
+           progress=None, calibration=None, quant_options: dict | None = None, calibration_taps: bool = False,
+           attention_check=None) -> UNetNetwork:
     """Define the UNet of `model` (pipeline folder, `unet/` folder, single file or opened component).
 
     Inputs as diffusers' UNet arguments: `sample` [B, 4, h, w], `timestep` [B] (fp32),
@@ -145,6 +145,8 @@ def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 
     `quant_options` may override the table's tuned choices (`rule`, `alphas`) — the tuning
     pipeline does that to compare candidates. `calibration_taps` defines the calibration
     network instead: FP16 plus per-channel abs-max outputs (`amax:<path>`) and sampled rows.
+    `attention_check(fmt, q_shape, k_shape)`: whether a quantized attention of those shapes has a
+    fused kernel (the build asks the builder); one without keeps FP16 BMMs (`attention_fallbacks`).
     """
     from .. import weights as W
     from ..quant.plan import CalibrationTaps, QuantPlan
@@ -163,7 +165,7 @@ def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 
             f"batch {batch}, latent {latent_height}x{latent_width}: expected batch >= 1 and latent sides that are "
             f"positive multiples of {factor} (image sides multiples of {8 * factor})"
         )
-    eight_bit = precision in RECIPES  # a recipe name: int8, fp8 (or a named level like int8_nvidia_2.5)
+    eight_bit = precision in RECIPES  # a recipe name: int8, fp8 (or a named level like int8_level3)
     d = L.new_definition(component, "fp16" if eight_bit else precision)
     if eight_bit:
         if calibration is None:
@@ -171,6 +173,7 @@ def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 
         table = calibration if isinstance(calibration, CalibrationTable) else \
             CalibrationTable.load(calibration, component.fingerprint())
         d.quant = QuantPlan(precision, table, component, **(quant_options or table.choices(precision)))
+    d.attention_check = attention_check
     if calibration_taps:
         d.taps = CalibrationTaps()
     specs = input_specs(cfg, batch, latent_height, latent_width, d.dtype)

@@ -86,6 +86,11 @@ class QuantPlan:
 
     def groups(self) -> dict[str, list[str]]:
         """Smoothing groups among this recipe's quantized linear layers: group -> member paths."""
+        if getattr(self, "_groups", None) is None:
+            self._groups = self._find_groups()
+        return self._groups
+
+    def _find_groups(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for path in self.table.channel_amax:
             if not is_quantized(self.recipe, path):
@@ -167,6 +172,15 @@ class QuantPlan:
 
     def act_scale(self, path: str) -> float:
         return max(self.act_amax(path), 1e-8) / QMAX[self.format]
+
+    def input_scale(self, path: str) -> float:
+        """The scale of the one Q/DQ on `path`'s input: the largest among the quantized layers of its
+        smoothing group, which read the same tensor (equal when their statistics are)."""
+        found = smoothing_rule(path)
+        if found is None:
+            return self.act_scale(path)
+        members = [p for p in self.groups().get(found[2], ()) if self.is_quantized(p)] or [path]
+        return max(self.act_scale(p) for p in members)
 
     def transform_weight(self, path: str, weight: np.ndarray) -> np.ndarray:
         """W * s on input channels (smoothing), / r on output rows (a consumer's 1/s folded here)."""

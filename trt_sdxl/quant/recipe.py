@@ -5,17 +5,17 @@ A recipe is a named level. Measured on the full-size SDXL base UNet at 1024x1024
 q/k/v 14.7%, attention BMMs 11.6%, to_out 6.9%, samplers 3.8%, proj_in/out 1.1%,
 conv_shortcut 1.0%, conv_in + conv_out + time embeddings 0.01%.
 
-- `int8` (default INT8): every convolution and linear layer except `conv_in`, `conv_out` and
-  the time/added embeddings (and each resnet's `time_emb_proj`, which reads the time
-  embedding); attention BMMs stay FP16 (no INT8 fused attention above 512 tokens). 88.4% of
-  the MACs in 8 bits — NVIDIA's level 3 plus the 1x1 `conv_shortcut`s; the level-2.5 set
-  below cannot reach 88% (79.4%). The price, measured on our tiny models: tuned trajectory
-  error 0.142 against 0.079 for the level-2.5 set (BENCHMARKS.md).
-- `int8_nvidia_2.5`: NVIDIA's "quant level 2.5" for SDXL INT8 (convolutions, feed-forward,
-  q/k/v): 79.4% of the MACs; kept for comparison.
-- `fp8`: the `int8` layers plus the attention BMMs (q, k, v and the softmax output): 99.0%.
-- `nvidia_modelopt`, `nvidia_modelopt_fp8`: NVIDIA's recipes as ModelOpt's diffusers example
-  defines them, with their fixed parameters — the baseline our tuning is measured against.
+- `int8` (default INT8): NVIDIA's "quant level 2.5" layer set — convolutions, feed-forward and
+  attention q/k/v; `to_out`, `proj_in/out` and the 1x1 `conv_shortcut`s stay FP16, as do the
+  attention BMMs (no INT8 fused attention above 512 tokens). 79.4% of the MACs in 8 bits.
+  Chosen over the level-3 set below: on the trained default the level-3 set costs image quality
+  (BENCHMARKS.md, quality report) for +2-3% on the roofline (`tools/roofline.py`), and a
+  quantized `to_out` is the placement NVIDIA found to run slower than FP16 (NVIDIA/TensorRT#3724).
+- `int8_level3`: the level-2.5 set plus `to_out`, `proj_in/out` and `conv_shortcut`: 88.4% of the
+  MACs; kept for comparison.
+- `fp8` (default FP8): NVIDIA's level-4 set — every convolution and linear layer but its filter
+  (`conv_shortcut` and `proj_out` stay FP16) plus the attention BMMs (q, k, v and the softmax
+  output); weights per tensor (per-channel FP8 is GEMM-only, TensorRT >= 10.6/10.7).
 Always high precision: `conv_in`, `conv_out`, the time/added embeddings, all norms.
 """
 
@@ -40,13 +40,16 @@ _MODELOPT_ALL = (r"\.conv[12]$", r"\.downsamplers\.0\.conv$", r"\.upsamplers\.0\
                  r"\.ff\.net\.0\.proj$", r"\.ff\.net\.2$", r"\.attn[12]\.to_[qkv]$", r"\.attn[12]\.to_out\.0$",
                  r"\.proj_in$")
 
+_MODELOPT_LINEAR = tuple(p for p in _MODELOPT_ALL if "conv" not in p and "samplers" not in p)
+
 # Module-path patterns per recipe: a conv/linear whose path matches is quantized. `weights`: scale
 # per output channel or per tensor. `fixed`: parameters taken as they are instead of tuned — the
 # amax rule per layer kind and one SmoothQuant alpha for every smoothing group (None: none).
 RECIPES = {
-    "int8": {"format": "int8", "layers": _ALL_CONV_LINEAR, "attention_bmm": False, "weights": "channel"},
-    "int8_nvidia_2.5": {"format": "int8", "layers": _LEVEL_2_5, "attention_bmm": False, "weights": "channel"},
-    "fp8": {"format": "fp8", "layers": _ALL_CONV_LINEAR, "attention_bmm": True, "weights": "channel"},
+    "int8": {"format": "int8", "layers": _LEVEL_2_5, "attention_bmm": False, "weights": "channel"},
+    "int8_level3": {"format": "int8", "layers": _ALL_CONV_LINEAR, "attention_bmm": False, "weights": "channel"},
+    "fp8": {"format": "fp8", "layers": _MODELOPT_ALL, "attention_bmm": True, "weights": "tensor"},
+    "fp8_gemm": {"format": "fp8", "layers": _MODELOPT_LINEAR, "attention_bmm": False, "weights": "tensor"},
     # NVIDIA's recipe exactly as ModelOpt's diffusers example defines it (NVIDIA/TensorRT-Model-Optimizer,
     # diffusers/quantization/{config.py,utils.py,quantize.py,build_sdxl_8bit_engine.sh}, commit
     # 7adf8483795790753e0673abf433479ae741caf7): INT8 at quant level 2.5 (convolutions, feed-forward, q/k/v),
