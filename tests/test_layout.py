@@ -19,6 +19,7 @@ FLOORS = [  # bottom first
     ("backend", "keymap"),
     ("dtypes", "weights", "netexec"),
     ("quant", "engines"),
+    ("support", "fusion_lint"),
     ("layers",),
     ("models",),
     ("executors", "denoising", "runtime"),

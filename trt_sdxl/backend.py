@@ -108,9 +108,11 @@ class Backend:
     def check_target(self, target: str) -> None:
         """UserError unless this backend can build ahead of time for `target` ('SM89')."""
         if target not in self.aot_targets:
+            other = ("; TensorRT for RTX runs on RTX GPUs only — for this one install NVIDIA TensorRT "
+                     "(pip install -e .[trt])" if self.is_rtx else "")
             raise UserError(
                 f"--target {target}: {self.name} {self.version} cannot build ahead of time for it; "
-                f"it can build for: {', '.join(self.aot_targets) or 'only the GPU present'}"
+                f"it can build for: {', '.join(self.aot_targets) or 'only the GPU present'}{other}"
             )
 
     def set_target(self, config, target: str) -> None:

@@ -28,7 +28,9 @@ from pathlib import Path
 from . import backend
 from .version import __version__
 from .components import COMPONENTS, DEFAULT_MODEL, ENCODERS, TOKENIZER_FOLDERS
-from .engines import build_engine, check_target_takes, choose_target, engine_filename, tensor_specs
+from . import fusion_lint, support
+from .engines import (EIGHT_BIT_OPTIMIZATION_LEVEL, build_engine, check_target_takes, choose_target, engine_filename,
+                      fused_attention_check, present_gpu, tensor_specs)
 from .errors import UserError, run_cli
 from .executors import NETEXEC_MAX_UNET_BYTES
 from .files import load_json, write_json, write_temporary
@@ -37,7 +39,7 @@ from .quant.recipe import RECIPES
 from .unet_config import UNetConfig, check_image_size
 
 DEFAULT_OUT = Path("engines")
-PRECISIONS = ("fp16", "int8", "fp8", "nvidia_modelopt", "nvidia_modelopt_fp8")  # the UNet's (8-bit: quant recipes)
+PRECISIONS = ("auto",) + support.PRECISIONS  # the UNet's --precision (8-bit: quant recipes; the matrix maps them)
 TEXT_PRECISION = "fp16"
 MODEL_FOLDER = "model"  # the model copy inside an engines folder
 CALIBRATION_FILE = "calibration.npz"
@@ -83,6 +85,18 @@ def check_precisions(precision: str, vae_precision: str) -> None:
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     vae.check_precision(vae_precision)
+
+
+def resolve_precision(precision: str, target: str, engines: bool) -> support.Resolution:
+    """What `--precision` builds with this backend for `target` (the recipe matrix, trt_sdxl.support)."""
+    be = backend.get()
+    gpu = present_gpu()
+    arch = gpu[0] if target == "native" and gpu else target
+    resolution = support.resolve(precision, be.name, be.version, arch, gpu[1] if gpu else None, engines=engines)
+    if resolution.recipe != precision:
+        log(f"--precision {precision}: builds {resolution.recipe} for {arch} with {be.name} {be.version}"
+            + (f" ({resolution.note})" if resolution.note else ""))
+    return resolution
 
 
 def check_tokenizer(model, component: str, checkpoint) -> str | None:
@@ -160,7 +174,7 @@ def report_entry(definition, seconds: float) -> dict:
 
 
 def define_component(component: str, checkpoint, precision: str, batch: int, latent_h: int, latent_w: int,
-                     calibration=None):
+                     calibration=None, attention_check=None):
     """The network of `component`; `batch` is the engine's own batch dimension. Warnings the model
     code raises (e.g. fp16 for a VAE known to overflow) are logged as one line each."""
     from .models import clip, unet, vae
@@ -170,7 +184,7 @@ def define_component(component: str, checkpoint, precision: str, batch: int, lat
         if component == "unet":
             net = unet.define(checkpoint, precision=precision, batch=batch, latent_height=latent_h,
                               latent_width=latent_w, progress=lambda message: log(f"{component}: {message}"),
-                              calibration=calibration)
+                              calibration=calibration, attention_check=attention_check)
         elif component in ENCODERS:
             net = clip.define(checkpoint, encoder=ENCODERS[component], batch=batch, precision=precision)
         else:
@@ -321,8 +335,14 @@ def warn_mixed_builds(manifest: dict, built, batch: int, target: str, height: in
 def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int | None = None,
           width: int | None = None, target: str | None = None, components=COMPONENTS,
           vae_precision: str = "fp32", calibration: str | None = None, calibration_prompts: str | None = None,
-          calibration_steps: int = 20) -> dict:
-    """Build the engines of `components`; returns the manifest written to `out/manifest.json`."""
+          calibration_steps: int = 20, engines: bool = True, optimization_level: int | None = None) -> dict:
+    """Build the engines of `components`; returns the manifest written to `out/manifest.json`.
+
+    `precision` goes through the recipe matrix (trt_sdxl.support: `auto`, refusals, what this backend
+    builds for the target). `engines=False` (`--no-engines`) defines, calibrates and writes the
+    folder — manifest, calibration table, report, model copy — without engine files, for any
+    precision: `generate --cpu` runs it. `optimization_level`: the builder's; default 4 for an 8-bit
+    UNet (as NVIDIA builds them), TensorRT's own (3) otherwise."""
     out = Path(out)
     check_output_folder(out)
     components = parse_components(components)
@@ -331,8 +351,14 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
         raise UserError(f"--batch {batch}: expected a positive integer")
     if calibration_steps < 1:
         raise UserError(f"--calibration-steps {calibration_steps}: expected a positive integer")
+    if optimization_level is not None and not 0 <= optimization_level <= 5:
+        raise UserError(f"--optimization-level {optimization_level}: expected 0 to 5")
     be = backend.get()
     target = choose_target(target)
+    if "unet" in components:
+        precision = resolve_precision(precision, target, engines).recipe
+    elif precision == "auto":
+        precision = "fp16"
     check_target_takes(target, vae_precision if "vae" in components else "fp32",
                        RECIPES[precision]["format"] if "unet" in components and precision in RECIPES else "fp16")
     log(f"model {model}; {be.name} {be.version}; target {target}; components {', '.join(components)}; "
@@ -353,15 +379,16 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
     def define(job: EngineJob, precision: str, table=None):
         start = time.perf_counter()
         log(f"{job.component}: defining the network (batch {job.batch}, {precision})")
+        check = fused_attention_check(target) if table is not None and engines and target != "native" else None
         job.network = define_component(job.component, job.checkpoint, precision, job.batch,
-                                       height // 8, width // 8, calibration=table)
+                                       height // 8, width // 8, calibration=table, attention_check=check)
         log(f"{job.component}: {job.network.network.num_layers} layers defined ({time.perf_counter() - start:.1f} s)")
 
     # Every other network, and the FP16 UNet as a check of the checkpoint, is defined before an
     # 8-bit UNet's calibration starts: a broken component must not wait for it.
     for job in jobs.values():
         define(job, "fp16" if job.component == "unet" and eight_bit else job.precision)
-    table = None
+    table, lint = None, []
     if eight_bit:
         from .calibration.workflow import calibrate_and_tune
 
@@ -369,6 +396,14 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
                                    calibration=calibration, prompts_file=calibration_prompts,
                                    steps=calibration_steps, stats_cache=out / STATS_CACHE, log=log)
         define(jobs["unet"], precision, table)
+        lint = fusion_lint.lint(jobs["unet"].network.network)
+        log(f"unet: fusion lint: {len(lint)} findings" + "".join(f"\n  {f}" for f in lint[:10])
+            + (" (every Q/DQ where TensorRT's rules fuse it)" if not lint else ""))
+        fallbacks = jobs["unet"].network.definition.attention_fallbacks
+        if fallbacks:
+            log(f"unet: {len(fallbacks)} attention layers have no fused {RECIPES[precision]['format'].upper()} kernel "
+                f"in {be.name} {be.version} for {target} at their shapes; they keep FP16 BMMs "
+                f"(e.g. {fallbacks[0]})")
 
     manifest = read_manifest(out / "manifest.json")
     manifest.update({"trt_sdxl_version": __version__, "backend": be.name, "backend_version": be.version})
@@ -380,14 +415,25 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
     try:
         for i, job in enumerate(jobs.values(), start=1):
             step = f"[{i}/{len(jobs)}] {job.component}"
-            log(f"{step}: building for {target}")
-            engine, seconds = build_engine(job.network.definition, target, log)
-            name = engine_filename(job.component, job.precision, target)
-            staged[name] = write_temporary(out / name, engine)
-            log(f"{step}: built {name} ({engine.nbytes / 2**20:.1f} MiB, {seconds:.1f} s)")
-            manifest["engines"][job.component] = manifest_entry(job, name, target, batch, height, width)
-            report[job.component] = {"precision": job.precision, **report_entry(job.network.definition, seconds)}
-            job.network = engine = None  # let the builder's memory go before the next engine
+            name, seconds = None, 0.0
+            level = optimization_level
+            if level is None and job.component == "unet" and job.precision in RECIPES:
+                level = EIGHT_BIT_OPTIMIZATION_LEVEL
+            if engines:
+                log(f"{step}: building for {target}" + (f" (optimization level {level})" if level is not None else ""))
+                engine, seconds = build_engine(job.network.definition, target, log, optimization_level=level)
+                name = engine_filename(job.component, job.precision, target)
+                staged[name] = write_temporary(out / name, engine)
+                log(f"{step}: built {name} ({engine.nbytes / 2**20:.1f} MiB, {seconds:.1f} s)")
+                engine = None
+            manifest["engines"][job.component] = manifest_entry(job, name, target if engines else None, batch,
+                                                                height, width)
+            report[job.component] = {"precision": job.precision, "optimization_level": level if engines else None,
+                                     **report_entry(job.network.definition, seconds)}
+            if job.component == "unet" and job.precision in RECIPES:
+                report["unet"]["fusion_lint"] = fusion_lint.report(lint)
+                report["unet"]["attention_fallbacks"] = job.network.definition.attention_fallbacks
+            job.network = None  # let the builder's memory go before the next engine
         if table is not None:
             staged[CALIBRATION_FILE] = write_temporary(out / CALIBRATION_FILE, table.to_bytes())
         staging = stage_model_copy(copied, out)
@@ -428,8 +474,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--components", default=",".join(COMPONENTS), metavar="LIST",
                    help=f"comma-separated engines to build (default: all four, {','.join(COMPONENTS)})")
     p.add_argument("--precision", default="fp16",
-                   help="the UNet's precision: fp16, int8 or fp8 (8-bit: SmoothQuant + percentile quant, calibrated "
-                        "and tuned on this model; fp8 needs SM89+); the text encoders are fp16")
+                   help="the UNet's precision: fp16, int8, fp8, auto (the fastest this backend runs on the target), "
+                        "or NVIDIA's recipes nvidia_modelopt / nvidia_modelopt_fp8 (8-bit: SmoothQuant + percentile "
+                        "quant, calibrated and tuned on this model; README: the recipe matrix); text encoders fp16")
+    p.add_argument("--no-engines", action="store_true",
+                   help="define, calibrate and write the folder (manifest, calibration table, report, model copy) "
+                        "without building engines, for any precision: generate --cpu runs it")
+    p.add_argument("--optimization-level", type=int, default=None, metavar="N",
+                   help=f"the builder's optimization level, 0-5 (default: {EIGHT_BIT_OPTIMIZATION_LEVEL} for an "
+                        "8-bit UNet, as NVIDIA builds them; TensorRT's default 3 otherwise)")
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="reuse a calibration table (OUT/calibration.npz of an earlier 8-bit build of this model)")
     p.add_argument("--calibration-prompts", default=None, metavar="FILE",
@@ -455,7 +508,8 @@ def main(argv=None) -> int:
         args.model, Path(args.out), precision=args.precision, batch=args.batch, height=args.height,
         width=args.width, target=args.target, components=args.components, vae_precision=args.vae_precision,
         calibration=args.calibration, calibration_prompts=args.calibration_prompts,
-        calibration_steps=args.calibration_steps), "nothing was left half-written")
+        calibration_steps=args.calibration_steps, engines=not args.no_engines,
+        optimization_level=args.optimization_level), "nothing was left half-written")
 
 
 if __name__ == "__main__":

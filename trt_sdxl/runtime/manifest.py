@@ -84,7 +84,7 @@ class EnginesFolder:
             raise UserError(f"{self.folder / 'manifest.json'} has no {component} engine (it lists: {listed}); "
                             f"build all components with `{self.rebuild_command()}`")
         entry = dict(self.engines[component])
-        entry["path"] = self.folder / entry.get("file", "")
+        entry["path"] = self.folder / (entry.get("file") or "")
         if need_file and (not entry.get("file") or not entry["path"].is_file()):
             raise UserError(f"{entry['path']}: the {component} engine listed in the manifest is missing; "
                             f"rebuild with `{self.rebuild_command()}`")
