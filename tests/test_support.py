@@ -78,3 +78,12 @@ def test_tensorrt_11_row():
 def test_readme_shows_the_matrix_of_the_code():
     text = README.read_text()
     assert support.markdown_table() in text, "README's recipe matrix differs from trt_sdxl.support.markdown_table()"
+
+
+def test_comparison_recipes_follow_their_format():
+    assert support.resolve("int8_level3", "tensorrt", "10.13.0.35", "SM89").recipe == "int8_level3"
+    assert support.resolve("fp8_gemm", "tensorrt_rtx", "1.7.1.116", "SM89").recipe == "fp8_gemm"
+    with pytest.raises(UserError, match="INT8 activations are not supported"):
+        support.resolve("int8_level3", "tensorrt_rtx", "1.7.1.116", "SM89")
+    with pytest.raises(UserError, match="has no FP8 tensor cores"):
+        support.resolve("fp8_gemm", "tensorrt", "10.13.0.35", "SM86")

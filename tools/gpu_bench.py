@@ -439,9 +439,7 @@ def table(results: dict[str, dict], skipped: dict[str, str]) -> list[str]:
 
 
 def work(args) -> int:
-    from trt_sdxl import backend
-    from trt_sdxl.engines import check_target_takes
-    from trt_sdxl.quant.recipe import RECIPES
+    from trt_sdxl import backend, support
     from trt_sdxl.runtime import cuda
     from trt_sdxl.unet_config import UNetConfig, check_image_size
 
@@ -458,14 +456,17 @@ def work(args) -> int:
     unet_batch = 2 * args.batch  # classifier-free guidance: uncond + cond in one call, as the build makes it
     calibration = args.calibration
     skipped: dict[str, str] = {}
-    for precision in [p for p in precisions if p != "fp16"]:
-        fmt = RECIPES[precision]["format"]
+    built: list[str] = []  # the recipes the recipe matrix builds for this backend and GPU
+    for precision in precisions:
         try:
-            check_target_takes(f"SM{device.sm}", "fp32", fmt)
+            recipe = support.resolve(precision, be.name, be.version, f"SM{device.sm}", device.name).recipe
         except UserError as e:
             skipped[precision] = str(e)
-        if be.is_rtx and fmt == "int8":
-            skipped[precision] = f"INT8 activations need NVIDIA TensorRT ({be.name} has weight-only INT8)"
+            continue
+        if recipe != precision:
+            log(f"{precision}: {be.name} builds {recipe} on this GPU (trt_sdxl.support)")
+        built.append(recipe)
+    precisions = list(dict.fromkeys(built)) + list(skipped)
     if calibration is None and any(p != "fp16" and p not in skipped for p in precisions):
         log("8-bit: " + SYNTHETIC_TABLE)
         calibration = synthetic_table(component, unet_batch, height // 8, width // 8)

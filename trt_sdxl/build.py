@@ -39,7 +39,8 @@ from .quant.recipe import RECIPES
 from .unet_config import UNetConfig, check_image_size
 
 DEFAULT_OUT = Path("engines")
-PRECISIONS = ("auto",) + support.PRECISIONS  # the UNet's --precision (8-bit: quant recipes; the matrix maps them)
+# the UNet's --precision (8-bit: quant recipes; the matrix maps them), then the recipes kept for comparison
+PRECISIONS = ("auto",) + support.PRECISIONS + support.OTHER_RECIPES
 TEXT_PRECISION = "fp16"
 MODEL_FOLDER = "model"  # the model copy inside an engines folder
 CALIBRATION_FILE = "calibration.npz"

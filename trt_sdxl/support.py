@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import UserError
+from .quant.recipe import RECIPES
 
 TRT_INSTALL = "install NVIDIA TensorRT (pip install -e .[trt])"
 ARCHS = {  # compute capability -> architecture, example GPUs
@@ -39,6 +40,8 @@ ARCHS = {  # compute capability -> architecture, example GPUs
 }
 BACKENDS = ("tensorrt 10.x", "tensorrt 11.x", "tensorrt_rtx")
 PRECISIONS = ("fp16", "int8", "fp8", "nvidia_modelopt", "nvidia_modelopt_fp8")
+# the other recipes (for comparisons) follow their format's column: int8_level3 int8's, fp8_gemm fp8's
+OTHER_RECIPES = tuple(r for r in RECIPES if r not in PRECISIONS)
 RTX_ARCHS = ("SM75", "SM86", "SM89", "SM120", "SM121")  # its support matrix (1.5 added SM121)
 FP8_ARCHS = ("SM89", "SM90", "SM100", "SM120", "SM121")
 # Pro / data-centre parts of the GeForce architectures (SM89, SM120): their FP8 with FP32
@@ -117,9 +120,16 @@ def resolve(precision: str, backend_name: str, backend_version: str, target: str
     """What `--precision` builds for this backend and target ('SM89'; 'native' needs `gpu_name`'s arch
     resolved by the caller), or a UserError naming the alternative. Without engines (`--no-engines`)
     every recipe is defined and calibrated as asked, whatever the backend could run."""
-    if precision != "auto" and precision not in PRECISIONS:
-        raise UserError(f"--precision {precision}: expected auto or one of {', '.join(PRECISIONS)}")
+    if precision != "auto" and precision not in PRECISIONS + OTHER_RECIPES:
+        raise UserError(f"--precision {precision}: expected auto or one of {', '.join(PRECISIONS + OTHER_RECIPES)}")
     row = backend_row(backend_name, backend_version)
+    if precision in OTHER_RECIPES and target in ARCHS and engines:
+        fmt = RECIPES[precision]["format"]
+        cell = MATRIX[(row, target, fmt)]
+        if cell.refusal or cell.recipe not in (fmt, precision):  # TensorRT for RTX: of FP8, fp8_gemm only
+            why = cell.refusal or f"{backend_name} builds FP8 GEMMs only: use --precision {cell.recipe}"
+            raise UserError(f"--precision {precision} on {target} with {backend_name} {backend_version}: {why}")
+        return Resolution(precision, precision, "")
     if target not in ARCHS:
         if precision == "auto":
             return Resolution("int8", "int8", f"{target}: not in the recipe matrix; auto takes INT8")
