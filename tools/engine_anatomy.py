@@ -7,6 +7,16 @@ floating point — 8-bit arithmetic simulated, not run. Reads plan files without
 them (no GPU needed), prints a table and writes tools/engine_anatomy.json.
 
     python tools/engine_anatomy.py ENGINE.plan [ENGINE.plan ...]
+    python tools/engine_anatomy.py --default-model   # builds the default's UNet as fp16, int8, fp8_gemm first
+
+`--default-model` builds the embedded default's UNet (64 px, CFG batch 2) for SM89 with the
+builder directly — INT8 too, which the build refuses on TensorRT for RTX — max-calibrated from
+the statistics of `--calibration FILE` (an 8-bit build's calibration.npz; without it, unit
+scales). The scale values matter: they are compiled into the generated kernels, so layers with
+distinct scales get kernels of their own, and a unit table gives a smaller engine.
+
+    python -m trt_sdxl.build --precision fp8 --out engines-fp8
+    python tools/engine_anatomy.py --default-model --calibration engines-fp8/calibration.npz
 """
 
 from __future__ import annotations
@@ -43,11 +53,54 @@ def anatomy(path: Path) -> dict:
     }
 
 
+def build_default_unets(folder: Path, calibration: str | None = None,
+                        recipes=("fp16", "int8", "fp8_gemm")) -> list[str]:
+    """The default model's UNet engines, one per recipe, written to `folder`; their paths."""
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from trt_sdxl import weights
+    from trt_sdxl.components import DEFAULT_MODEL
+    from trt_sdxl.engines import build_engine
+    from trt_sdxl.models import unet
+    from trt_sdxl.quant.percentile import AmaxRule
+    from trt_sdxl.quant.table import FORMAT_VERSION, CalibrationTable
+
+    component = weights.open_component(DEFAULT_MODEL, "unet")
+    shape = dict(batch=2, latent_height=8, latent_width=8)
+    if calibration:
+        table = CalibrationTable.load(calibration, component.fingerprint())
+    else:
+        paths = unet.define(component, calibration_taps=True, **shape).definition.taps.paths
+        table = CalibrationTable(meta={"format_version": FORMAT_VERSION, "unet_fingerprint": component.fingerprint()},
+                                 tensor_amax={p: np.ones((1, 1), np.float32) for p in paths},
+                                 channel_amax={p: np.ones((3, 1, 1), np.float32) for p in paths})
+    out = []
+    for recipe in recipes:
+        quant = {} if recipe == "fp16" else {"calibration": table, "quant_options": {"rule": AmaxRule(), "alphas": {}}}
+        net = unet.define(component, recipe, **shape, **quant)
+        engine, _ = build_engine(net.definition, "SM89")
+        path = folder / f"unet.{recipe}.plan"
+        path.write_bytes(bytes(engine))
+        out.append(str(path))
+        print(f"built {path} ({path.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("plans", nargs="+")
+    p.add_argument("plans", nargs="*")
+    p.add_argument("--default-model", action="store_true", help="build the default's UNet engines first")
+    p.add_argument("--calibration", default=None, metavar="FILE", help="with --default-model: the table whose "
+                   "statistics give the scales (default: unit scales)")
     p.add_argument("--json", default=str(JSON_OUT))
     args = p.parse_args(argv)
+    if args.default_model:
+        import tempfile
+
+        args.plans += build_default_unets(Path(tempfile.mkdtemp(prefix="engine_anatomy.")), args.calibration)
+    if not args.plans:
+        p.error("name engine files, or --default-model")
     missing = [f for f in args.plans if not Path(f).is_file()]
     if missing:
         print(f"engine_anatomy: error: {missing[0]}: no such engine file", file=sys.stderr)
