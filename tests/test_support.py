@@ -57,7 +57,9 @@ def test_auto_picks_by_gpu():
     assert support.resolve("auto", *trt, "SM89").recipe == "int8"  # ahead of time: the name is unknown
     assert support.resolve("auto", *trt, "SM90", "NVIDIA H100 80GB HBM3").recipe == "fp8"
     assert support.resolve("auto", *trt, "SM86").recipe == "int8"
-    assert support.resolve("auto", "tensorrt_rtx", "1.7.1.116", "SM89").recipe == "fp8_gemm"
+    assert support.resolve("auto", "tensorrt_rtx", "1.7.1.116", "SM89", "NVIDIA GeForce RTX 4090").recipe == "fp16"
+    assert support.resolve("auto", "tensorrt_rtx", "1.7.1.116", "SM89", "NVIDIA RTX 6000 Ada Generation"
+                           ).recipe == "fp8_gemm"
     assert support.resolve("auto", "tensorrt_rtx", "1.7.1.116", "SM86").recipe == "fp16"
     for (backend, arch, _), cell in support.MATRIX.items():  # auto never lands on a refusal
         if not support.MATRIX[(backend, arch, "fp16")].refusal:

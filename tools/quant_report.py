@@ -1,6 +1,6 @@
 """The 8-bit share of the full-size SDXL UNet's MACs per quantization recipe.
 
-SDXL base UNet (random fp16 weights in the real layout, as tools/bench_build.py writes them;
+SDXL base UNet (its real tensor names and shapes, zeros for values: bench_build.shape_only_component;
 1024x1024, CFG batch 2): each recipe's network is defined from a synthetic calibration table
 (the share depends on which layers are quantized, not on the scales) and its MAC records summed.
 Image quality is measured on trained models by tools/quality_report.py (random-weight models
@@ -26,7 +26,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
-from trt_sdxl import weights  # noqa: E402
 from trt_sdxl.models import unet  # noqa: E402
 from trt_sdxl.quant.percentile import AmaxRule  # noqa: E402
 from trt_sdxl.quant.recipe import RECIPES  # noqa: E402
@@ -37,9 +36,8 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def mac_shares(folder: Path) -> dict:
+def mac_shares(component) -> dict:
     """8-bit share of the full-size UNet's MACs per recipe, from the quantized network definitions."""
-    component = weights.open_component(folder, "unet")
     taps = unet.define(component, batch=2, latent_height=128, latent_width=128, calibration_taps=True)
     paths = taps.definition.taps.paths
     del taps
@@ -69,11 +67,8 @@ def main() -> int:
     args = p.parse_args()
     import bench_build
 
-    folder = REPO / "build" / "bench" / "sdxl-base-random" / "unet"
-    if not (folder / "diffusion_pytorch_model.safetensors").exists():
-        log(f"writing a random-weight SDXL base UNet to {folder} (once)")
-        bench_build.write_random_unet(folder)
-    report = {"date": date.today().isoformat(), "machine": platform.node(), "full_size_mac_share": mac_shares(folder)}
+    component = bench_build.shape_only_component("unet")
+    report = {"date": date.today().isoformat(), "machine": platform.node(), "full_size_mac_share": mac_shares(component)}
     print("8-bit share of SDXL base UNet MACs (1024x1024, CFG batch 2)")
     print(f"{'recipe':<22} {'share':>8} {'layers':>8}")
     for recipe, r in report["full_size_mac_share"].items():

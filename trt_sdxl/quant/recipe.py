@@ -7,15 +7,22 @@ conv_shortcut 1.0%, conv_in + conv_out + time embeddings 0.01%.
 
 - `int8` (default INT8): NVIDIA's "quant level 2.5" layer set — convolutions, feed-forward and
   attention q/k/v; `to_out`, `proj_in/out` and the 1x1 `conv_shortcut`s stay FP16, as do the
-  attention BMMs (no INT8 fused attention above 512 tokens). 79.4% of the MACs in 8 bits.
-  Chosen over the level-3 set below: on the trained default the level-3 set costs image quality
-  (BENCHMARKS.md, quality report) for +2-3% on the roofline (`tools/roofline.py`), and a
-  quantized `to_out` is the placement NVIDIA found to run slower than FP16 (NVIDIA/TensorRT#3724).
+  attention BMMs (no INT8 fused attention above 512 tokens). 79.4% of the MACs in 8 bits. The
+  level-3 set below models 4-7% faster on pro/data-centre GPUs and 13-15% on GeForce ones
+  (`tools/roofline.py`, fused), but it is the set whose quantized `to_out` NVIDIA measured
+  running slower than FP16 (NVIDIA/TensorRT#3724), and level 2.5 is the INT8 recipe NVIDIA
+  measured on real GPUs (1.20x on an RTX 4090); its image quality is in BENCHMARKS.md.
 - `int8_level3`: the level-2.5 set plus `to_out`, `proj_in/out` and `conv_shortcut`: 88.4% of the
   MACs; kept for comparison.
 - `fp8` (default FP8): NVIDIA's level-4 set — every convolution and linear layer but its filter
   (`conv_shortcut` and `proj_out` stay FP16) plus the attention BMMs (q, k, v and the softmax
   output); weights per tensor (per-channel FP8 is GEMM-only, TensorRT >= 10.6/10.7).
+- `fp8_gemm`: the linear layers of the `fp8` set only (feed-forward, q/k/v, to_out, proj_in);
+  convolutions and attention stay FP16 — what `--precision fp8` builds on TensorRT for RTX, whose
+  FP8 is GEMM-only (trt_sdxl.support).
+- `nvidia_modelopt`, `nvidia_modelopt_fp8`: NVIDIA's recipes as ModelOpt's diffusers example
+  defines them, with their fixed parameters — the baseline our tuning is measured against. With
+  the same layers as `int8` / `fp8`, they differ from ours only in calibration and smoothing.
 Always high precision: `conv_in`, `conv_out`, the time/added embeddings, all norms.
 """
 
