@@ -306,26 +306,13 @@ def synthetic_table(component, batch: int, latent_h: int, latent_w: int):
                             channel_amax={p: np.ones((3, 1, 1), np.float32) for p in paths})
 
 
-def build_detailed(definition):
-    """The network built for the GPU present as trt_sdxl.engines.build_engine builds it, with
-    ProfilingVerbosity DETAILED so the inspector reports each layer's formats and tactic (it adds
-    layer details to the engine's NVTX ranges, not work to its kernels). Returns (plan, seconds)."""
-    from trt_sdxl import backend
-    from trt_sdxl.engines import BuildMonitor
+def build_detailed(definition, eight_bit: bool):
+    """The network built for the GPU present as the build builds it (optimization level 4 for an
+    8-bit UNet), with profiling verbosity DETAILED for the inspector. Returns (plan, seconds)."""
+    from trt_sdxl.engines import EIGHT_BIT_OPTIMIZATION_LEVEL, build_engine
 
-    trt = backend.trt()
-    config = definition.builder.create_builder_config()
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    monitor = BuildMonitor(log)
-    monitor.attach(config)
-    start = time.perf_counter()
-    with monitor.catching_ctrl_c():
-        plan = definition.builder.build_serialized_network(definition.network, config)
-    if monitor.interrupted:
-        raise KeyboardInterrupt
-    if plan is None:
-        raise RuntimeError("the builder could not build the network (its messages above say why)")
-    return plan, time.perf_counter() - start
+    level = EIGHT_BIT_OPTIMIZATION_LEVEL if eight_bit else None
+    return build_engine(definition, "native", log, optimization_level=level, detailed=True)
 
 
 def time_enqueues(engine, stream, warmup: int, runs: int) -> list[float]:
@@ -370,11 +357,17 @@ def bench_precision(component, precision: str, calibration, args, device, stream
     if precision != "fp16" and not isinstance(calibration, (str, Path)):
         options = {"rule": AmaxRule(), "alphas": {}}  # the synthetic table has no tuned choices
     log(f"{precision}: defining the UNet (batch {batch}, {width}x{height})")
+    from trt_sdxl.engines import fused_attention_check
+
     net = unet.define(component, precision, batch=batch, latent_height=height // 8, latent_width=width // 8,
-                      calibration=None if precision == "fp16" else calibration, quant_options=options)
+                      calibration=None if precision == "fp16" else calibration, quant_options=options,
+                      attention_check=fused_attention_check("native"))
+    if net.definition.attention_fallbacks:
+        log(f"{precision}: {len(net.definition.attention_fallbacks)} attention layers have no fused 8-bit kernel "
+            "at their shapes here and keep FP16 BMMs")
     sites = sum(1 for m in net.macs if m.kind == "bmm") // 2
     log(f"{precision}: building for {device.name} (SM{device.sm}), profiling verbosity DETAILED")
-    plan, seconds = build_detailed(net.definition)
+    plan, seconds = build_detailed(net.definition, precision != "fp16")
     specs = net.inputs
     del net
     engine = Engine(plan, f"unet {precision}")

@@ -380,7 +380,7 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
     def define(job: EngineJob, precision: str, table=None):
         start = time.perf_counter()
         log(f"{job.component}: defining the network (batch {job.batch}, {precision})")
-        check = fused_attention_check(target) if table is not None and engines and target != "native" else None
+        check = fused_attention_check(target) if table is not None and engines else None
         job.network = define_component(job.component, job.checkpoint, precision, job.batch,
                                        height // 8, width // 8, calibration=table, attention_check=check)
         log(f"{job.component}: {job.network.network.num_layers} layers defined ({time.perf_counter() - start:.1f} s)")

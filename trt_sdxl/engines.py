@@ -152,15 +152,20 @@ class BuildMonitor:
             signal.signal(signal.SIGINT, previous)
 
 
-def build_engine(definition, target: str, log: Log = silent, optimization_level: int | None = None):
+def build_engine(definition, target: str, log: Log = silent, optimization_level: int | None = None,
+                 detailed: bool = False):
     """Serialize the network for `target`; returns the engine (TensorRT host memory, which supports
     the buffer protocol: written to disk or deserialized without a copy) and the seconds it took.
-    `optimization_level`: the builder's (0-5; None: TensorRT's default, 3)."""
+    `optimization_level`: the builder's (0-5; None: TensorRT's default, 3). `detailed`: profiling
+    verbosity DETAILED, so the engine inspector reports each layer's formats and tactic (it adds
+    layer details to the engine's NVTX ranges, not work to its kernels)."""
     be = backend.get()
     config = definition.builder.create_builder_config()
     be.set_target(config, target)
     if optimization_level is not None:
         config.builder_optimization_level = optimization_level
+    if detailed:
+        config.profiling_verbosity = be.module.ProfilingVerbosity.DETAILED
     monitor = BuildMonitor(log)
     monitor.attach(config)
     start = time.perf_counter()
