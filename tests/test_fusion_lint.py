@@ -146,15 +146,9 @@ def full_size():
     import bench_build
 
     from trt_sdxl.models import unet
-    from trt_sdxl.quant.table import FORMAT_VERSION, CalibrationTable
 
     component = bench_build.shape_only_component("unet")
-    taps = unet.define(component, batch=2, latent_height=128, latent_width=128, calibration_taps=True)
-    paths = taps.definition.taps.paths
-    del taps
-    table = CalibrationTable(meta={"format_version": FORMAT_VERSION, "unet_fingerprint": component.fingerprint()},
-                             tensor_amax={p: np.ones((1, 1), np.float32) for p in paths},
-                             channel_amax={p: np.ones((3, 1, 1), np.float32) for p in paths})
+    table = unet.placement_table(component)
     return component, table
 
 
@@ -172,18 +166,6 @@ def test_full_size_sdxl_8bit_unet_has_no_findings(full_size, recipe):
     assert found == [], "\n".join(map(str, found[:20]))
 
 
-def unit_table(component):
-    from trt_sdxl.models import unet
-    from trt_sdxl.quant.table import FORMAT_VERSION, CalibrationTable
-
-    cfg_side = 8
-    taps = unet.define(component, batch=2, latent_height=cfg_side, latent_width=cfg_side, calibration_taps=True)
-    paths = taps.definition.taps.paths
-    return CalibrationTable(meta={"format_version": FORMAT_VERSION, "unet_fingerprint": component.fingerprint()},
-                            tensor_amax={p: np.ones((1, 1), np.float32) for p in paths},
-                            channel_amax={p: np.ones((3, 1, 1), np.float32) for p in paths})
-
-
 @pytest.mark.parametrize("recipe", ["int8", "int8_level3", "fp8", "fp8_gemm", "nvidia_modelopt_fp8"])
 @pytest.mark.parametrize("unfused_attention", [False, True])
 def test_default_model_with_smoothing_everywhere_has_no_findings(recipe, unfused_attention, monkeypatch):
@@ -198,7 +180,7 @@ def test_default_model_with_smoothing_everywhere_has_no_findings(recipe, unfused
     if unfused_attention:
         monkeypatch.setattr(backend.Backend, "has_attention_layer", property(lambda self: False))
     component = weights.open_component(DEFAULT_MODEL, "unet")
-    table = unit_table(component)
+    table = unet.placement_table(component)
     groups = QuantPlan(recipe, table, component, rule=AmaxRule(), alphas={}).groups()
     net = unet.define(component, recipe, batch=2, latent_height=8, latent_width=8, calibration=table,
                       quant_options={"rule": AmaxRule(), "alphas": {g: 0.5 for g in groups}})

@@ -56,25 +56,18 @@ def anatomy(path: Path) -> dict:
 def build_default_unets(folder: Path, calibration: str | None = None,
                         recipes=("fp16", "int8", "fp8_gemm")) -> list[str]:
     """The default model's UNet engines, one per recipe, written to `folder`; their paths."""
-    import numpy as np
-
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from trt_sdxl import weights
     from trt_sdxl.components import DEFAULT_MODEL
     from trt_sdxl.engines import build_engine
     from trt_sdxl.models import unet
     from trt_sdxl.quant.percentile import AmaxRule
-    from trt_sdxl.quant.table import FORMAT_VERSION, CalibrationTable
+    from trt_sdxl.quant.table import CalibrationTable
 
     component = weights.open_component(DEFAULT_MODEL, "unet")
     shape = dict(batch=2, latent_height=8, latent_width=8)
-    if calibration:
-        table = CalibrationTable.load(calibration, component.fingerprint())
-    else:
-        paths = unet.define(component, calibration_taps=True, **shape).definition.taps.paths
-        table = CalibrationTable(meta={"format_version": FORMAT_VERSION, "unet_fingerprint": component.fingerprint()},
-                                 tensor_amax={p: np.ones((1, 1), np.float32) for p in paths},
-                                 channel_amax={p: np.ones((3, 1, 1), np.float32) for p in paths})
+    table = CalibrationTable.load(calibration, component.fingerprint()) if calibration else \
+        unet.placement_table(component)
     out = []
     for recipe in recipes:
         quant = {} if recipe == "fp16" else {"calibration": table, "quant_options": {"rule": AmaxRule(), "alphas": {}}}
@@ -106,7 +99,7 @@ def main(argv=None) -> int:
         print(f"engine_anatomy: error: {missing[0]}: no such engine file", file=sys.stderr)
         return 2
     rows = [anatomy(Path(f)) for f in args.plans]
-    print(f"| engine | MiB | zlib MiB | kernel sources | their MiB | fake-quant kernels |\n|---|---|---|---|---|---|")
+    print("| engine | MiB | zlib MiB | kernel sources | their MiB | fake-quant kernels |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {Path(r['file']).name} | {r['mib']:.1f} | {r['mib_compressed']:.1f} | {r['kernel_sources']} | "
               f"{r['kernel_source_mib']:.1f} | {len(r['fake_quant_kernels'])} |")

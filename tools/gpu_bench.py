@@ -43,7 +43,6 @@ import platform
 import re
 import statistics
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date
@@ -294,16 +293,11 @@ def add_speedups(results: dict[str, dict]) -> None:
 
 
 def synthetic_table(component, batch: int, latent_h: int, latent_w: int):
-    """A calibration table with abs-max 1 for every tapped input (one call, one step), as
-    tools/quant_report.py makes one: which layers are 8-bit, and so the engine, do not depend on it."""
+    """A calibration table with abs-max 1 for every tapped input: which layers are 8-bit, and so the
+    engine, do not depend on it."""
     from trt_sdxl.models import unet
-    from trt_sdxl.quant.table import FORMAT_VERSION, CalibrationTable
 
-    taps = unet.define(component, batch=batch, latent_height=latent_h, latent_width=latent_w, calibration_taps=True)
-    paths = taps.definition.taps.paths
-    meta = {"format_version": FORMAT_VERSION, "unet_fingerprint": component.fingerprint()}
-    return CalibrationTable(meta=meta, tensor_amax={p: np.ones((1, 1), np.float32) for p in paths},
-                            channel_amax={p: np.ones((3, 1, 1), np.float32) for p in paths})
+    return unet.placement_table(component, batch, latent_h, latent_w)
 
 
 def build_detailed(definition, eight_bit: bool):

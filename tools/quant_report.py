@@ -21,7 +21,6 @@ import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
@@ -29,7 +28,6 @@ sys.path[:0] = [str(REPO), str(REPO / "tools")]
 from trt_sdxl.models import unet  # noqa: E402
 from trt_sdxl.quant.percentile import AmaxRule  # noqa: E402
 from trt_sdxl.quant.recipe import RECIPES  # noqa: E402
-from trt_sdxl.quant.table import FORMAT_VERSION, CalibrationTable  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -38,13 +36,7 @@ def log(message: str) -> None:
 
 def mac_shares(component) -> dict:
     """8-bit share of the full-size UNet's MACs per recipe, from the quantized network definitions."""
-    taps = unet.define(component, batch=2, latent_height=128, latent_width=128, calibration_taps=True)
-    paths = taps.definition.taps.paths
-    del taps
-    meta = {"format_version": FORMAT_VERSION, "unet_fingerprint": component.fingerprint()}
-    # one call, one step: unit abs-max everywhere (scales do not change which layers are 8-bit)
-    table = CalibrationTable(meta=meta, tensor_amax={p: np.ones((1, 1), np.float32) for p in paths},
-                             channel_amax={p: np.ones((3, 1, 1), np.float32) for p in paths})
+    table = unet.placement_table(component)  # which layers are 8-bit does not depend on the scales
     out = {}
     for recipe in RECIPES:
         start = time.perf_counter()

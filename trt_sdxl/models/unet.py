@@ -185,3 +185,19 @@ def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 
     net = UNetNetwork(d, cfg, specs)
     net.precision = precision
     return net
+
+
+def placement_table(model, batch: int = 2, latent_height: int = 8, latent_width: int = 8):
+    """A calibration table with abs-max 1 for every tapped input (one call, one step), no tuned
+    choices: for defining 8-bit networks (with quant_options {"rule": AmaxRule(), "alphas": {}})
+    where what matters is which layers carry Q/DQ — MAC shares, the fusion lint, an engine's
+    layout — not the scales. The input paths do not depend on the latent size."""
+    from .. import weights as W
+    from ..quant.table import FORMAT_VERSION, CalibrationTable
+
+    component = W.open_component(model, "unet")
+    paths = define(component, batch=batch, latent_height=latent_height, latent_width=latent_width,
+                   calibration_taps=True).definition.taps.paths
+    return CalibrationTable(meta={"format_version": FORMAT_VERSION, "unet_fingerprint": component.fingerprint()},
+                            tensor_amax={p: np.ones((1, 1), np.float32) for p in paths},
+                            channel_amax={p: np.ones((3, 1, 1), np.float32) for p in paths})
