@@ -5,6 +5,9 @@ References: Random123's published Philox4x32-10 known-answer vectors, a scalar P
 from the paper, the normal distribution's moments and CDF, diffusers' schedulers and image
 post-processing (PyTorch, CPU), and float64 formulas. Figures compared: relative L2 error
 ‖out − ref‖ / ‖ref‖, or bit equality where the twin is specified to be exact.
+
+PyTorch and diffusers are imported only by the tests comparing with them (skipped where they are
+not installed), so the GPU tests run on a machine that has neither.
 """
 
 import math
@@ -15,10 +18,6 @@ import ml_dtypes
 import numpy as np
 from oracle import rel_l2
 import pytest
-import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler)
-from diffusers.image_processor import VaeImageProcessor
 
 from trt_sdxl import configs
 from trt_sdxl import kernels as K
@@ -138,6 +137,63 @@ def test_unsupported_architecture_is_a_user_error():
         N.compile_kernel("guidance", "ampere")
 
 
+class FakeNvrtc:
+    """cuda.bindings.nvrtc as compile_source uses it, with a one-byte log and a one-byte CUBIN: the sizes
+    at which `b" " * size` would hand NVRTC Python's shared one-character bytes object to write into."""
+
+    class nvrtcResult:
+        NVRTC_SUCCESS = 0
+        NVRTC_ERROR_COMPILATION = 6
+
+    def __init__(self, compiles: bool):
+        self.compiles, self.buffers = compiles, []
+
+    def nvrtcVersion(self):
+        return 0, 13, 0
+
+    def nvrtcGetSupportedArchs(self):
+        return 0, [89]
+
+    def nvrtcGetErrorString(self, err):
+        return 0, b"NVRTC_ERROR_COMPILATION"
+
+    def nvrtcCreateProgram(self, *args):
+        return 0, "program"
+
+    def nvrtcCompileProgram(self, prog, count, options):
+        return (0 if self.compiles else self.nvrtcResult.NVRTC_ERROR_COMPILATION,)
+
+    def _size(self, prog):
+        return 0, 1
+
+    nvrtcGetProgramLogSize = nvrtcGetCUBINSize = nvrtcGetPTXSize = _size
+
+    def _fill(self, prog, buffer):
+        self.buffers.append(buffer)
+        buffer[0:1] = b"Z"  # what the binding does: writes into the buffer it was given
+        return (0,)
+
+    nvrtcGetProgramLog = nvrtcGetCUBIN = nvrtcGetPTX = _fill
+
+    def nvrtcDestroyProgram(self, prog):
+        return (0,)
+
+
+def test_nvrtc_outputs_go_to_fresh_writable_buffers(monkeypatch):
+    space = b" "
+    for compiles, expected in ((True, None), (False, N.KernelCompileError)):
+        fake = FakeNvrtc(compiles)
+        monkeypatch.setattr(N, "_nvrtc", lambda: fake)
+        if expected is None:
+            assert N.compile_source('extern "C" __global__ void k() {}', "k.cu", 89, headers={}) == b"Z"
+        else:
+            with pytest.raises(expected, match="k.cu"):
+                N.compile_source('extern "C" __global__ void k() {}', "k.cu", 89, headers={})
+        (buffer,) = fake.buffers
+        assert isinstance(buffer, bytearray) and len(buffer) == 1, f"NVRTC wrote into {type(buffer).__name__}"
+    assert space == b" " and bytes([32]) == b" ", "the interpreter's one-character bytes object was written into"
+
+
 def test_missing_cuda_python_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "cuda.bindings.nvrtc", None)  # makes the import fail
     with pytest.raises(UserError, match=r"trt_sdxl\[cuda\]"):
@@ -254,6 +310,7 @@ def test_scale_cast_layout_and_rounding():
 
 
 def test_latents_for_the_vae_match_diffusers():
+    torch = pytest.importorskip("torch")
     scaling_factor = configs.load("sdxl_base_1.0", "vae")["scaling_factor"]
     latents = np.random.default_rng(3).standard_normal((1, 4, 16, 16)).astype(np.float32)
     expected = (torch.from_numpy(latents) / scaling_factor).numpy()  # StableDiffusionXLPipeline
@@ -261,6 +318,10 @@ def test_latents_for_the_vae_match_diffusers():
 
 
 def test_image_to_rgb8_matches_diffusers():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from diffusers.image_processor import VaeImageProcessor
+
     rng = np.random.default_rng(4)
     image = rng.uniform(-1.2, 1.2, (2, 3, 16, 24)).astype(np.float32)
     image[0, :, 0, :6] = [-1.0, 1.0, 0.0, 2.0, -3.0, np.float32(2 * 0.5 / 255 - 1)]  # ends, clamps, a tie
@@ -279,6 +340,9 @@ SCHEDULER_TOL = 5e-6  # float32 coefficients from float64 vs diffusers' float32 
 
 
 def sdxl_scheduler(method):
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler)
+
     config = {k: v for k, v in configs.load("sdxl_base_1.0", "scheduler").items() if not k.startswith("_")}
     if method == "euler":
         return EulerDiscreteScheduler.from_config(config)
@@ -310,6 +374,8 @@ def coefficients(method, scheduler, i, steps):
 @pytest.mark.parametrize("steps", [6, 25])
 def test_scheduler_step_matches_diffusers(method, steps):
     """Whole trajectories with the same model outputs (and noise): ours vs diffusers' at every step."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
     rng = np.random.default_rng(5)
     shape = (1, 4, 8, 8)
     scheduler = sdxl_scheduler(method)

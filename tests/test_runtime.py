@@ -1,8 +1,11 @@
-"""The cuda-python runtime: checked driver calls (no GPU needed), and with the marker `gpu` (skipped
-without a GPU, which is asked of the CUDA driver): buffers, pinned memory, streams, events, CUDA
-graph capture and replay with updated kernel arguments against the kernels' numpy twins; where
-TensorRT is installed too, engines against netexec (the UNet, the calibration network, the whole
-graph-replayed denoising loop against the CPU loop).
+"""The cuda-python runtime: checked driver calls, TensorRT-RTX's build flag for stream capture, its
+runtime cache on disk (over a fake runtime) and its refusal of a GPU it does not support (no GPU
+needed); with the marker `gpu` (skipped without a GPU, which is asked of the CUDA driver): buffers,
+pinned memory, streams, events, CUDA graph capture and replay with updated kernel arguments against
+the kernels' numpy twins; where TensorRT is installed too, engines against netexec (the UNet, the
+calibration network, the whole graph-replayed denoising loop against the CPU loop), and the same
+loop over a netexec 'engine' on the simulated driver (tests/simulated_cuda.py). The loop over fake
+engines on CUDA itself, without TensorRT, is tests/test_fake_engine.py.
 
 Figures: bit equality where the same kernels run (graph vs direct launches), relative L2 error
 against netexec with fp16's budget 1e-2 otherwise.
@@ -10,12 +13,13 @@ against netexec with fp16's budget 1e-2 otherwise.
 
 from __future__ import annotations
 
-import ctypes
 import types
 
 import numpy as np
 from oracle import rel_l2
 import pytest
+import simulated_cuda
+from simulated_cuda import KernelNode
 
 from trt_sdxl import backend, kernels
 from trt_sdxl.errors import UserError
@@ -53,6 +57,218 @@ def test_engine_dtypes_are_tensorrt_types():
 
     missing = set(NUMPY_DTYPES) - set(trt.DataType.__members__)
     assert not missing, f"not TensorRT data types: {missing}"
+
+
+def rtx_backend():
+    try:
+        be = backend.get()
+    except UserError as e:
+        pytest.skip(str(e))
+    if not be.is_rtx:
+        pytest.skip(f"{be.name} is installed; these are TensorRT-RTX features")
+    return be
+
+
+class RecordingBuilder:
+    """A TensorRT builder that keeps the builder configs it makes, to read them back after a build."""
+
+    def __init__(self, builder):
+        self.builder, self.configs = builder, []
+
+    def create_builder_config(self):
+        self.configs.append(self.builder.create_builder_config())
+        return self.configs[-1]
+
+    def build_serialized_network(self, network, config):
+        return self.builder.build_serialized_network(network, config)
+
+
+def test_tensorrt_rtx_engines_are_built_for_stream_capture():
+    """build_engine sets REQUIRE_USER_ALLOCATION where the flag exists, and a real (CPU, ahead-of-time)
+    TensorRT-RTX build accepts it for a fixed-shape network."""
+    from trt_sdxl.engines import build_engine
+
+    be = rtx_backend()
+    if not be.has_require_user_allocation or "SM89" not in be.aot_targets:
+        pytest.skip(f"{be.name} {be.version} has no REQUIRE_USER_ALLOCATION or cannot build for SM89 here")
+    trt = be.module
+    builder, network = be.create_network()
+    x = network.add_input("x", trt.float16, (2, 4, 8, 8))
+    network.mark_output(network.add_activation(x, trt.ActivationType.RELU).get_output(0))
+    recording = RecordingBuilder(builder)
+    plan, _ = build_engine(types.SimpleNamespace(builder=recording, network=network), "SM89")
+    assert plan is not None and plan.nbytes > 0
+    (config,) = recording.configs
+    assert config.get_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+    assert be.has_runtime_cache, f"{be.name} {be.version}: no IRuntimeConfig.create_runtime_cache"
+
+
+def test_tensorrt_rtx_refuses_an_unsupported_gpu_with_the_way_out(tmp_path, monkeypatch):
+    """On a GPU TensorRT-RTX has no kernels for (our H200), loading an engine is one clear line: use
+    NVIDIA TensorRT and rebuild (the folder's own build command), or the CPU."""
+    from trt_sdxl.files import write_json
+    from trt_sdxl.runtime.engine import Engine, check_backend_runs_here
+
+    be = rtx_backend()
+    write_json(tmp_path / "manifest.json", {"engines": {"unet": {
+        "file": "unet.plan", "backend": be.name, "backend_version": be.version, "target": "native",
+        "checkpoint": "/models/sdxl", "precision": "fp16", "batch": 1, "image_height": 1024, "image_width": 1024}}})
+    (tmp_path / "unet.plan").write_bytes(b"an engine")
+    monkeypatch.setattr(cuda, "current_gpu", lambda: ("NVIDIA H200", (9, 0)))
+    with pytest.raises(UserError, match=r"unet\.plan: tensorrt_rtx \S+ does not run on this GPU \(NVIDIA H200, SM90\); "
+                                        r"it supports .*SM89.*pip install -e \.\[trt\].*`TRT_SDXL_BACKEND=tensorrt "
+                                        r"python -m trt_sdxl\.build --model /models/sdxl .*`.*--cpu") as raised:
+        Engine.load(tmp_path / "unet.plan")
+    print(f"\n{raised.value}")
+    monkeypatch.setattr(cuda, "current_gpu", lambda: ("NVIDIA GeForce RTX 4090", (8, 9)))
+    check_backend_runs_here("unet.plan")  # supported: no complaint
+
+
+class FakeRuntimeCache:
+    """TensorRT-RTX's IRuntimeCache as far as the runtime uses it: a blob of compiled-kernel names,
+    rejected (False, cache unchanged) when it was not serialized by a cache of this 'environment'."""
+
+    MAGIC = b"fake runtime cache:"
+
+    def __init__(self):
+        self.kernels: list[str] = []
+
+    def serialize(self):
+        return memoryview(self.MAGIC + ",".join(self.kernels).encode())
+
+    def deserialize(self, blob) -> bool:
+        blob = bytes(blob)
+        if not blob.startswith(self.MAGIC):
+            return False
+        self.kernels = [k for k in blob[len(self.MAGIC):].decode().split(",") if k]
+        return True
+
+
+class FakeRuntimeConfig:
+    def __init__(self):
+        self.cache = None
+
+    def create_runtime_cache(self):
+        return FakeRuntimeCache()
+
+    def set_runtime_cache(self, cache) -> bool:
+        self.cache = cache
+        return True
+
+
+class FakeContext:
+    """Compiles (names) a kernel into its config's runtime cache at its first enqueue, as TensorRT-RTX
+    compiles just in time; `released` lists what was destroyed, in order."""
+
+    def __init__(self, engine, config):
+        self.engine, self.config = engine, config
+
+    def execute_async_v3(self, stream) -> bool:
+        cache = self.config.cache
+        if f"kernel of {self.engine.plan}" not in cache.kernels:
+            cache.kernels.append(f"kernel of {self.engine.plan}")
+        return True
+
+    def __del__(self):
+        self.engine.released.append("context")
+
+
+class FakeCudaEngine:
+    def __init__(self, plan, released):
+        self.plan, self.released = bytes(plan).decode(), released
+
+    num_io_tensors = 1
+
+    def get_tensor_name(self, i):
+        return "x"
+
+    def get_tensor_shape(self, name):
+        return (2, 4)
+
+    def get_tensor_dtype(self, name):
+        return types.SimpleNamespace(name="HALF")
+
+    def get_tensor_mode(self, name):
+        return "input"
+
+    def create_runtime_config(self):
+        return FakeRuntimeConfig()
+
+    def create_execution_context(self, config=None):
+        assert config is not None and config.cache is not None, "the context must be created with the cache"
+        return FakeContext(self, config)
+
+    def __del__(self):
+        self.released.append("engine")
+
+
+def fake_rtx(monkeypatch) -> list[str]:
+    """A TensorRT-RTX backend whose runtime 'loads' any plan (on any GPU: it names no compute capability);
+    returns the list of released objects."""
+    released: list[str] = []
+    module = types.SimpleNamespace(
+        Runtime=lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda plan: FakeCudaEngine(
+            plan, released)),
+        TensorIOMode=types.SimpleNamespace(INPUT="input"),
+        IRuntimeConfig=FakeRuntimeConfig, IRuntimeCache=FakeRuntimeCache)
+    fake = backend.Backend(module=module, name="tensorrt_rtx", version="1.7.1.116")
+    monkeypatch.setattr(backend, "get", lambda: fake)
+    monkeypatch.setattr(backend, "logger", lambda: None)
+    return released
+
+
+def test_runtime_cache_is_kept_next_to_the_engine_and_invalidated_with_it(tmp_path, monkeypatch):
+    import os
+
+    from trt_sdxl.runtime import runtime_cache
+    from trt_sdxl.runtime.engine import Engine
+
+    released = fake_rtx(monkeypatch)
+    plan = tmp_path / "unet.fp16.trtrtx1.7.1.native.plan"
+    plan.write_bytes(b"v1")
+    folder = tmp_path / ".runtime-cache"
+
+    first = Engine.load(plan)
+    assert not first.runtime_cache.loaded and not folder.exists()
+    first.enqueue(0)
+    first.save_runtime_cache()
+    (saved,) = folder.iterdir()
+    assert saved.name.startswith(plan.name + ".") and saved.suffix == ".cache", saved.name
+    assert saved.read_bytes() == FakeRuntimeCache.MAGIC + b"kernel of v1"
+    stamp = saved.stat().st_mtime_ns
+    first.release()
+    assert released == ["context", "engine"], f"released in the order {released}"
+    assert saved.stat().st_mtime_ns == stamp, "an unchanged cache was written again"
+
+    second = Engine.load(plan)  # a warm start: the kernels are there before any enqueue
+    assert second.runtime_cache.loaded and second.runtime_cache.cache.kernels == ["kernel of v1"]
+    second.release()
+
+    plan.write_bytes(b"v2")  # the engine rebuilt: its old cache is not used, and goes at the next save
+    os.utime(plan, ns=(stamp + 10**9, stamp + 10**9))
+    third = Engine.load(plan)
+    assert not third.runtime_cache.loaded and third.runtime_cache.cache.kernels == []
+    third.enqueue(0)
+    third.release()
+    (renewed,) = folder.iterdir()
+    assert renewed != saved and renewed.read_bytes() == FakeRuntimeCache.MAGIC + b"kernel of v2"
+
+    renewed.write_bytes(b"from another GPU")  # TensorRT-RTX rejects it: no cache, then a fresh one
+    fourth = Engine.load(plan)
+    assert not fourth.runtime_cache.loaded
+    fourth.enqueue(0)
+    fourth.release()
+    assert renewed.read_bytes() == FakeRuntimeCache.MAGIC + b"kernel of v2"
+
+    def unwritable(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(runtime_cache, "write_atomic", unwritable)
+    renewed.unlink()
+    fifth = Engine.load(plan)
+    fifth.enqueue(0)
+    with pytest.warns(UserWarning, match=r"runtime cache cannot be written \(Permission denied\)"):
+        fifth.release()
 
 
 # ---------------------------------------------------------------- on a GPU
@@ -165,6 +381,8 @@ def test_gpu_graph_replay_with_new_arguments(gpu):
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A pipeline folder with the tiny SDXL-like UNet (torch and diffusers imported only here)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
     import tiny_models
 
     return tiny_models.save_tiny_pipeline(tmp_path_factory.mktemp("runtime") / "tiny")
@@ -245,7 +463,7 @@ def test_graph_denoiser_matches_the_cpu_loop(trt_gpu, tiny_folder, scheduler, en
                                                                             cfg, seed)
     err = rel_l2(got, expected)
     print(f"\n{scheduler}, UNet engine batch {engine_batch}: GPU loop vs CPU loop rel L2 {err:.2e}; graph "
-          f"{with_graph.use_graph}; {np.mean(times):.2f} ms/step")
+          f"{with_graph.replayed_graph}; {np.mean(times):.2f} ms/step")
     assert len(times) == steps
     replay_err = rel_l2(got, eager)
     assert replay_err <= 1e-5, f"graph replay vs the same steps launched directly: rel L2 {replay_err:.2e}"
@@ -253,135 +471,6 @@ def test_graph_denoiser_matches_the_cpu_loop(trt_gpu, tiny_folder, scheduler, en
 
 
 # ---------------------------------------------------------------- the graph loop on a simulated driver
-
-
-class SimulatedDriver:
-    """Enough of cuda.bindings.driver to run runtime.cuda and the GraphDenoiser on the CPU: "device"
-    memory is host memory (addresses are real), operations on a stream run at once or, while the
-    stream captures, become graph nodes that replay in order; kernels run their numpy twins. It checks
-    the loop's orchestration (buffers, offsets, slices, which scalars each replay gets), not CUDA."""
-
-    def __init__(self):
-        from cuda.bindings import driver as real
-
-        for enum in ("CUresult", "CUstream_flags", "CUstreamCaptureMode", "CUstreamCaptureStatus", "CUevent_flags"):
-            setattr(self, enum, getattr(real, enum))
-        self.ok = real.CUresult.CUDA_SUCCESS
-        self.memory, self.capturing, self.destroyed = {}, {}, []
-        self.CUDA_KERNEL_NODE_PARAMS = type("KernelNodeParams", (), {})
-
-    # memory
-    def cuMemAlloc(self, nbytes, *flags):
-        block = np.zeros(max(1, nbytes), np.uint8)
-        self.memory[block.ctypes.data] = block
-        return self.ok, block.ctypes.data
-
-    cuMemHostAlloc = cuMemAlloc
-
-    def cuMemFree(self, ptr):
-        del self.memory[ptr]
-        return (self.ok,)
-
-    cuMemFreeHost = cuMemFree
-
-    def cuMemcpyHtoDAsync(self, dst, src, nbytes, stream):
-        return self._enqueue(stream, lambda: ctypes.memmove(int(dst), int(src), nbytes))
-
-    cuMemcpyDtoHAsync = cuMemcpyDtoDAsync = cuMemcpyHtoDAsync
-
-    # streams, graphs, events
-    def _enqueue(self, stream, op):
-        if stream in self.capturing:
-            self.capturing[stream].append(op)
-        else:
-            op()
-        return (self.ok,)
-
-    def _done(self, *args):
-        return (self.ok,)
-
-    def _new_handle(self, *args):
-        return self.ok, object()
-
-    cuStreamCreate = cuEventCreate = cuModuleLoadData = _new_handle
-    cuStreamSynchronize = cuStreamDestroy = cuCtxSynchronize = cuModuleUnload = _done
-    cuEventRecord = cuEventSynchronize = cuEventDestroy = cuGraphExecDestroy = _done
-
-    def cuGraphDestroy(self, graph):
-        self.destroyed.append(graph)
-        return (self.ok,)
-
-    def cuStreamBeginCapture(self, stream, mode):
-        self.capturing[stream] = []
-        return (self.ok,)
-
-    def cuStreamEndCapture(self, stream):
-        return self.ok, self.capturing.pop(stream)
-
-    def cuStreamGetCaptureInfo(self, stream):
-        status = self.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_ACTIVE
-        return self.ok, status, 0, None, [self.capturing[stream][-1]], [], 1
-
-    def cuGraphInstantiate(self, graph, flags):
-        return self.ok, types.SimpleNamespace(nodes=list(graph), source=graph)
-
-    def cuGraphLaunch(self, graph, stream):
-        return self._enqueue(stream, lambda: [op() for op in graph.nodes])
-
-    def cuGraphExecKernelNodeSetParams(self, graph, node, params):
-        assert not any(g is graph.source for g in self.destroyed), "a node of a destroyed graph names nothing"
-        assert node in graph.nodes and node.function is params.func, "updated a node that is not this kernel's"
-        node.values = params.kernelParams[0]
-        return (self.ok,)
-
-    def cuEventElapsedTime(self, start, end):
-        return self.ok, 0.5
-
-    # kernels
-    def cuDriverGetVersion(self):
-        return self.ok, 13000
-
-    def cuModuleGetFunction(self, module, name):
-        return self.ok, name.decode()
-
-    def cuLaunchKernel(self, function, gx, gy, gz, bx, by, bz, shared, stream, args, extra):
-        return self._enqueue(stream, KernelNode(function, args[0]))
-
-
-class KernelNode:
-    """A launch of `function` (an entry point's name) with `values`, run by the kernels' numpy twins."""
-
-    def __init__(self, function, values):
-        self.function, self.values = function, values
-
-    @staticmethod
-    def view(ptr, count, dtype):
-        dtype = np.dtype(dtype)
-        return np.frombuffer((ctypes.c_byte * (count * dtype.itemsize)).from_address(ptr), dtype)
-
-    def __call__(self):
-        name, v, view = self.function, self.values, self.view
-        if name.startswith("scale_cast_"):
-            out, x, scale, n, copies = v
-            dtype = kernels.DTYPES[name.rsplit("_", 1)[1]]
-            view(out, n * copies, dtype)[:] = kernels.scale_cast(view(x, n, np.float32), scale, dtype, copies)
-        elif name.startswith("cfg_combine_"):
-            out, pred, scale, n = v
-            view(out, n, np.float32)[:] = kernels.cfg_combine(view(pred, 2 * n, kernels.DTYPES[name.rsplit("_", 1)[1]]),
-                                                              scale)
-        elif name == "gaussian_noise_f32":
-            out, seed, step, scale, n = v
-            view(out, n, np.float32)[:] = kernels.gaussian_noise(seed, step, n, scale)
-        elif name == "scheduler_step_f32":
-            x, prev, eps, noise, *coefficients, n = v
-            c = kernels.StepCoefficients(*coefficients)
-            x_next, denoised = kernels.scheduler_step(view(x, n, np.float32), view(eps, n, np.float32), c,
-                                                      prev=view(prev, n, np.float32) if c.c else None,
-                                                      noise=view(noise, n, np.float32) if noise else None)
-            view(x, n, np.float32)[:] = x_next
-            view(prev, n, np.float32)[:] = denoised
-        else:
-            raise AssertionError(f"the simulated driver has no kernel {name}")
 
 
 class SimulatedEngine:
@@ -424,11 +513,7 @@ def test_graph_denoiser_on_a_simulated_driver(tiny_folder, tmp_path, monkeypatch
     from trt_sdxl.models import unet
     from trt_sdxl.runtime.denoiser import GraphDenoiser
 
-    driver = SimulatedDriver()
-    monkeypatch.setattr(cuda, "cu", driver)
-    monkeypatch.setenv(nvrtc.CACHE_ENV, str(tmp_path / "kernels"))
-    monkeypatch.setattr(nvrtc, "compile_all", lambda arch: {name: types.SimpleNamespace(
-        kernel=k, image=b"") for name, k in kernels.KERNELS.items()})
+    driver = simulated_cuda.install(monkeypatch, tmp_path)
     folder = tiny_folder
     steps, seed, cfg, shape = 3, 99, 6.0, (1, 4, 8, 8)
     rng = np.random.default_rng(4)
@@ -444,7 +529,7 @@ def test_graph_denoiser_on_a_simulated_driver(tiny_folder, tmp_path, monkeypatch
     denoiser = GraphDenoiser(engine, library, cuda.Stream())
     times = []
     got = denoiser.denoise(cond, schedulers.create(scheduler, steps), cfg, seed, on_step=lambda i, ms: times.append(ms))
-    assert denoiser.use_graph and times == [0.5] * steps
+    assert denoiser.replayed_graph and times == [0.5] * steps
     assert engine.calls == (1 + steps) * (2 // engine_batch)  # one warm-up enqueue per slice, then the replays
     assert not driver.capturing and len(driver.memory) == 0, "the loop left memory allocated"
     err = rel_l2(got, expected)

@@ -34,7 +34,15 @@ _ATTENTION_API = ("add_attention", "IAttention", "IAttentionBoundaryLayer", "Att
 _ATTENTION_V2_API = ("causal_kind", "query_form", "key_value_form", "key_value_lengths")
 _AOT_API = ("ComputeCapability", "set_compute_capability", "num_compute_capabilities")
 _NORMALIZATION_V2_API = ("add_normalization_v2",)
-FEATURE_GATED = frozenset(_ATTENTION_API + _ATTENTION_V2_API + _AOT_API + _NORMALIZATION_V2_API)
+# TensorRT-RTX 1.2+: engines whose enqueue never allocates at run time, so it can be captured into a CUDA graph.
+_USER_ALLOCATION_API = ("REQUIRE_USER_ALLOCATION",)
+# TensorRT-RTX: the cache of the kernels it compiles just in time when an engine is loaded.
+_RUNTIME_CACHE_API = ("create_runtime_cache", "set_runtime_cache", "deserialize")
+# NVIDIA TensorRT's builder timing cache. TensorRT-RTX still has the names, but there the cache has no
+# effect and forces a GPU query during ahead-of-time builds; deprecated in its 1.2, to be removed.
+_TIMING_CACHE_API = ("create_timing_cache", "set_timing_cache")
+FEATURE_GATED = frozenset(_ATTENTION_API + _ATTENTION_V2_API + _AOT_API + _NORMALIZATION_V2_API
+                          + _USER_ALLOCATION_API + _RUNTIME_CACHE_API + _TIMING_CACHE_API)
 
 
 def _has_all(module: ModuleType, names: tuple[str, ...], owners: tuple[str, ...]) -> bool:
@@ -78,6 +86,23 @@ class Backend:
     def has_normalization_v2(self) -> bool:
         """`add_normalization_v2` takes per-channel [1, C, 1, 1] GroupNorm affine; v1 takes [1, G, 1, 1]."""
         return _has_all(self.module, _NORMALIZATION_V2_API, ("INetworkDefinition",))
+
+    @property
+    def has_require_user_allocation(self) -> bool:
+        """`BuilderFlag.REQUIRE_USER_ALLOCATION` (TensorRT-RTX 1.2+; its release notes: required for CUDA stream
+        capture)."""
+        return _has_all(self.module, _USER_ALLOCATION_API, ("BuilderFlag",))
+
+    @property
+    def has_runtime_cache(self) -> bool:
+        """`IRuntimeConfig.create_runtime_cache` (TensorRT-RTX): just-in-time compiled kernels kept across loads."""
+        return _has_all(self.module, _RUNTIME_CACHE_API, ("IRuntimeConfig", "IRuntimeCache"))
+
+    @property
+    def has_timing_cache(self) -> bool:
+        """A builder timing cache that speeds up later builds: NVIDIA TensorRT's (TensorRT-RTX times no
+        tactics when it builds; its timing cache APIs are no-ops there, per its release notes)."""
+        return not self.is_rtx and _has_all(self.module, _TIMING_CACHE_API, ("IBuilderConfig",))
 
     @property
     def aot_targets(self) -> tuple[str, ...]:

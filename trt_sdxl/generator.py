@@ -86,6 +86,7 @@ class _Loaded:
     where: str
     close: Callable[[], None]
     latent_channels: int = 4
+    to_rgb: Callable | None = None  # final latents -> uint8 RGB [B, H, W, 3]; None: the pipeline's VAE, then numpy
 
 
 class Generator:
@@ -179,7 +180,7 @@ class Generator:
             latents = loaded.denoise(cond, sched, cfg, seed, latent_shape, step_done)
             denoise_s = time.perf_counter() - t
             t = time.perf_counter()
-            rgb = to_uint8_rgb(loaded.pipeline.decode(latents))
+            rgb = loaded.to_rgb(latents) if loaded.to_rgb else to_uint8_rgb(loaded.pipeline.decode(latents))
             vae_s = time.perf_counter() - t
         self.log(f"text encoders {1000 * text_s:.0f} ms; denoising {denoise_s:.2f} s "
                  f"({np.mean(times):.1f} ms/step, fastest {min(times):.1f}); VAE {1000 * vae_s:.0f} ms; "
@@ -342,6 +343,7 @@ def _load_cpu(folder, log: Log) -> _Loaded:
 def _load_gpu(folder, log: Log) -> _Loaded:
     from . import backend
     from .runtime import cuda
+    from .runtime.decoder import ImageDecoder
     from .runtime.denoiser import GraphDenoiser
     from .runtime.engine import Engine, EngineExecutor
 
@@ -362,25 +364,28 @@ def _load_gpu(folder, log: Log) -> _Loaded:
     started = time.perf_counter()
     stream = cuda.Stream()
     library = cuda.KernelLibrary(device)
-    run = {c: EngineExecutor(Engine.load(entries[c]["path"]), stream) for c in ("text_encoder", "text_encoder_2", "vae")}
+    run = {c: EngineExecutor(Engine.load(entries[c]["path"]), stream) for c in ENCODERS}
     denoiser = GraphDenoiser(Engine.load(entries["unet"]["path"]), library, stream)
-    log(f"engines loaded from {folder.folder} ({time.perf_counter() - started:.1f} s); "
-        f"{'CUDA graph' if denoiser.use_graph else 'no CUDA graph (TensorRT says not capturable)'}")
-    pipeline = _pipeline(run, None, tokenizers, settings)
+    decoder = ImageDecoder(Engine.load(entries["vae"]["path"]), library, stream, settings.scaling_factor)
+    log(f"engines loaded from {folder.folder} ({time.perf_counter() - started:.1f} s)")
+    pipeline = _pipeline({**run, "vae": None}, None, tokenizers, settings)  # the VAE runs in `decoder`
 
-    def denoise(cond, scheduler, cfg, seed, latent_shape, on_step):
-        return denoiser.denoise(cond, scheduler, cfg, seed, on_step=on_step)
+    def denoise(cond, scheduler, cfg, seed, latent_shape, on_step):  # the latents stay on the GPU for the VAE
+        return denoiser.denoise(cond, scheduler, cfg, seed, on_step=on_step, keep_on_device=True)
 
     def close():
         for executor in run.values():
             executor.free()
+        decoder.release()
+        for engine in (*(executor.engine for executor in run.values()), denoiser.unet, decoder.vae):
+            engine.release()  # each saves its TensorRT-RTX runtime cache first
         library.unload()
         stream.destroy()
         device.close()
 
     return _Loaded(pipeline, denoise, settings, folder.model_name(), folder.model_hash(), height, width,
                    f"GPU {device.name} (SM{device.sm}), {be.name} {be.version}", close,
-                   denoiser.sample_spec[0][1])
+                   denoiser.sample_spec[0][1], decoder.decode)
 
 
 # ---------------------------------------------------------------- shared checks

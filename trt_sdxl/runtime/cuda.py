@@ -85,11 +85,7 @@ class Device:
         handle = call("cuDeviceGet", ordinal)
         context = call("cuDevicePrimaryCtxRetain", handle)
         call("cuCtxSetCurrent", context)
-        name = call("cuDeviceGetName", 256, handle).split(b"\0")[0].decode(errors="replace")
-        attr = cu.CUdevice_attribute
-        major = call("cuDeviceGetAttribute", attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, handle)
-        minor = call("cuDeviceGetAttribute", attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, handle)
-        return cls(ordinal, handle, context, name, (major, minor))
+        return cls(ordinal, handle, context, *_describe(handle))
 
     @property
     def sm(self) -> int:
@@ -101,6 +97,25 @@ class Device:
 
     def close(self) -> None:
         call("cuDevicePrimaryCtxRelease", self.handle)
+
+
+def _describe(handle) -> tuple[str, tuple[int, int]]:
+    """(name, compute capability) of a CUdevice."""
+    name = call("cuDeviceGetName", 256, handle).split(b"\0")[0].decode(errors="replace")
+    attr = cu.CUdevice_attribute
+    major = call("cuDeviceGetAttribute", attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, handle)
+    minor = call("cuDeviceGetAttribute", attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, handle)
+    return name, (major, minor)
+
+
+def current_gpu() -> tuple[str, tuple[int, int]]:
+    """(name, compute capability) of the GPU of the context current on this thread."""
+    return _describe(call("cuCtxGetDevice"))
+
+
+def memory_info() -> tuple[int, int]:
+    """(free, total) bytes of the current context's GPU."""
+    return call("cuMemGetInfo")
 
 
 # ---------------------------------------------------------------- memory
@@ -117,7 +132,8 @@ class DeviceBuffer:
         return self.ptr
 
     def upload(self, host, stream: Stream, offset: int = 0) -> None:
-        """Copy a HostBuffer (asynchronously) or a numpy array (pageable: the driver stages it) in."""
+        """Copy a HostBuffer (asynchronously) or a numpy array (pageable: the driver stages it) in. A copy
+        from pageable memory cannot be captured into a CUDA graph: during a capture CUDA refuses it."""
         src, nbytes = _host_pointer(host)
         self._check_range(offset, nbytes)
         call("cuMemcpyHtoDAsync", self.ptr + offset, src, nbytes, stream.handle)
@@ -185,6 +201,12 @@ class Stream:
 
     def synchronize(self) -> None:
         call("cuStreamSynchronize", self.handle)
+
+    def wait(self, event: Event) -> None:
+        """Work enqueued here from now on waits for `event`'s recorded work. During a capture this is how
+        another stream joins it (fork: it waits on an event recorded on the capturing stream) and
+        leaves it (join: the capturing stream waits on an event recorded on the other one)."""
+        call("cuStreamWaitEvent", self.handle, event.handle, 0)
 
     @contextmanager
     def capture(self) -> Iterator[GraphCapture]:
@@ -257,10 +279,12 @@ class Graph:
 
 
 class Event:
-    """A timing event; `Event.elapsed_ms(start, end)` once `end` has completed."""
+    """A timing event, `Event.elapsed_ms(start, end)` once `end` has completed; with `timing=False`,
+    an event that only orders work between streams (cheaper, and what a captured fork or join uses)."""
 
-    def __init__(self):
-        self.handle = call("cuEventCreate", cu.CUevent_flags.CU_EVENT_DEFAULT.value)
+    def __init__(self, timing: bool = True):
+        flags = cu.CUevent_flags.CU_EVENT_DEFAULT if timing else cu.CUevent_flags.CU_EVENT_DISABLE_TIMING
+        self.handle = call("cuEventCreate", flags.value)
 
     def record(self, stream: Stream) -> None:
         call("cuEventRecord", self.handle, stream.handle)

@@ -6,8 +6,12 @@ What changes from step to step is the timestep, which the captured copy re-reads
 memory at every replay, and the scalars of three kernels (input scale, noise stream, step
 coefficients), which are set on the graph's kernel nodes before each replay
 (cuGraphExecKernelNodeSetParams). The plan is `pipeline.denoising_steps`, the one the CPU loop runs
-with the kernels' numpy twins. Where TensorRT says an engine cannot be captured, the same step is
-enqueued without a graph.
+with the kernels' numpy twins. Whether TensorRT can capture the engine is asked after the warm-up
+enqueue (TensorRT allocates and compiles lazily at the first one); where it cannot, or where CUDA
+refuses the capture, the same step is enqueued without a graph.
+
+The final latents come back as numpy, or stay on the GPU (`keep_on_device`: a `DeviceLatents` for
+trt_sdxl.runtime.decoder, so they never make the trip to the host and back).
 
 Image i of a batch draws its noise from seed + i (trt_sdxl.denoising), so one image of a batch can
 be made again alone. `denoise` keeps everything of one call in a `_Run` of its own: the denoiser
@@ -23,6 +27,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,12 +40,26 @@ from .engine import Engine, nbytes
 CONDITIONING = {"encoder_hidden_states": "context", "text_embeds": "text_embeds", "time_ids": "time_ids"}
 
 
+@dataclass
+class DeviceLatents:
+    """Final latents [B, C, h, w] float32 left on the GPU; whoever takes them frees `buffer`."""
+
+    buffer: DeviceBuffer
+    shape: tuple[int, ...]
+
+    def free(self) -> None:
+        self.buffer.free()
+
+
 class GraphDenoiser:
-    """Denoises on the GPU with a UNet engine; `denoise(...)` returns the final latents (numpy)."""
+    """Denoises on the GPU with a UNet engine; `denoise(...)` returns the final latents. `use_graph`:
+    capture the step into a CUDA graph where TensorRT and CUDA allow it; `replayed_graph` says whether
+    the last call did."""
 
     def __init__(self, unet: Engine, library: KernelLibrary, stream: Stream, use_graph: bool = True):
         self.unet, self.library, self.stream = unet, library, stream
-        self.use_graph = use_graph and unet.capturable(stream)
+        self.use_graph = use_graph
+        self.replayed_graph: bool | None = None
         self.sample_spec = unet.inputs["sample"]
         self.suffix = kernels.dtype_suffix(self.sample_spec[1])
         if kernels.dtype_suffix(unet.outputs["noise_pred"][1]) != self.suffix:
@@ -48,9 +67,11 @@ class GraphDenoiser:
         self.lock = threading.Lock()  # one execution context: one denoising run at a time
 
     def denoise(self, cond: Conditioning, scheduler, cfg: float, seed: int,
-                on_step: Callable[[int, float], None] | None = None) -> np.ndarray:
+                on_step: Callable[[int, float], None] | None = None,
+                keep_on_device: bool = False) -> np.ndarray | DeviceLatents:
         """Run every step of `scheduler`; `on_step(step_index, milliseconds)` after each one (raising
-        from it stops the run; every buffer is released either way)."""
+        from it stops the run; every buffer is released either way). The final latents as numpy, or
+        with `keep_on_device` in a device buffer that is the caller's to free."""
         rows = cond.context.shape[0]  # 2B
         per_engine = self.sample_spec[0][0]
         if rows % per_engine:
@@ -59,8 +80,9 @@ class GraphDenoiser:
         with self.lock:
             run = _Run(self, cond, scheduler, cfg, seed)
             try:
-                return run.execute(on_step)
+                return run.execute(on_step, keep_on_device)
             finally:
+                self.replayed_graph = run.graph is not None
                 run.release()
 
 
@@ -96,14 +118,19 @@ class _Run:
             self.release()
             raise
 
-    def execute(self, on_step) -> np.ndarray:
+    def execute(self, on_step, keep_on_device: bool) -> np.ndarray | DeviceLatents:
         for i in range(self.images):  # image i: Philox stream 0 of seed + i
             self.library.launch("gaussian_noise_f32", self.per_image, self.stream, int(self.x) + 4 * i * self.per_image,
                                 self.seed + i, 0, self.scheduler.init_noise_sigma, self.per_image)
         for s in self.slices:  # TensorRT wants one enqueue before a capture (lazy allocations, JIT)
             self._enqueue_unet(s)
         self.stream.synchronize()
-        self.graph, nodes = self._capture(self.plan[0]) if self.use_graph else (None, {})
+        save_cache = getattr(self.unet, "save_runtime_cache", None)  # an engine with a runtime cache: it is warm now
+        if save_cache is not None:
+            save_cache()
+        # asked only now: what TensorRT answers can depend on what the first enqueue set up
+        capture = self.use_graph and self.unet.capturable(self.stream)
+        self.graph, nodes = self._capture(self.plan[0]) if capture else (None, {})
         for step in self.plan:
             self.timestep.array[...] = step.timestep  # the previous replay has finished reading it
             self.start.record(self.stream)
@@ -117,6 +144,9 @@ class _Run:
             self.end.synchronize()
             if on_step is not None:
                 on_step(step.index, Event.elapsed_ms(self.start, self.end))
+        if keep_on_device:
+            self.buffers.remove(self.x)  # now the caller's: release() leaves it
+            return DeviceLatents(self.x, self.latent_shape)
         latents = np.empty(self.latent_shape, np.float32)
         self.x.download(latents, self.stream)
         self.stream.synchronize()

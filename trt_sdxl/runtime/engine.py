@@ -3,6 +3,10 @@
 
 The executor returns every output the engine has, so the calibration engine (the FP16 UNet plus
 `amax:<path>` / `rows:<path>` outputs, trt_sdxl.quant) runs through it unchanged.
+
+With TensorRT-RTX an engine loaded from a file keeps its just-in-time compiled kernels in a runtime
+cache next to it (trt_sdxl.runtime.runtime_cache), saved once the first enqueue has completed
+(`save_runtime_cache`, which the executor and the denoiser call) and when the engine is released.
 """
 
 from __future__ import annotations
@@ -13,23 +17,52 @@ import numpy as np
 
 from .. import backend, dtypes
 from ..errors import UserError
+from . import cuda
 from .cuda import CudaError, DeviceBuffer, HostBuffer, Stream
+from .manifest import EnginesFolder
+from .runtime_cache import RuntimeCache, RuntimeCacheFile
 
 TensorSpecs = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
-class Engine:
-    """A deserialized engine and one execution context; `inputs`/`outputs`: name -> (shape, numpy dtype)."""
+def check_backend_runs_here(name: str, rebuild: str | None = None) -> None:
+    """TensorRT-RTX runs on the architectures it compiles kernels for (its ComputeCapability targets:
+    GeForce RTX and RTX PRO GPUs, not Hopper's SM90 for instance); on another GPU it cannot load an
+    engine, so say so, and how to go on: NVIDIA TensorRT, or the CPU. `rebuild`: the build command
+    of the engines folder."""
+    be = backend.get()
+    if not be.is_rtx or not be.aot_targets:
+        return
+    gpu, (major, minor) = cuda.current_gpu()
+    present = f"SM{major}{minor}"
+    if present in be.aot_targets:
+        return
+    then = f"rebuild the engines with `TRT_SDXL_BACKEND=tensorrt {rebuild}`" if rebuild else \
+        "run again with TRT_SDXL_BACKEND=tensorrt"
+    raise UserError(f"{name}: {be.name} {be.version} does not run on this GPU ({gpu}, {present}); it supports "
+                    f"{', '.join(be.aot_targets)}. On this GPU use NVIDIA TensorRT: pip install -e .[trt], then "
+                    f"{then}; or run the networks on the CPU with --cpu")
 
-    def __init__(self, plan: bytes, name: str):
-        trt = backend.trt()
+
+class Engine:
+    """A deserialized engine and one execution context; `inputs`/`outputs`: name -> (shape, numpy dtype).
+    `rebuild`: the command that makes the engine again, for the messages."""
+
+    def __init__(self, plan: bytes, name: str, cache_file: RuntimeCacheFile | None = None,
+                 rebuild: str | None = None):
+        check_backend_runs_here(name, rebuild)
+        be = backend.get()
+        trt = be.module
         self.name = name
         self.runtime = trt.Runtime(backend.logger())
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
-            be = backend.get()
             raise UserError(f"{name}: {be.name} {be.version} could not load this engine (its messages above say why)")
-        self.context = self.engine.create_execution_context()
+        self.runtime_cache = RuntimeCache(self.engine, cache_file) if be.has_runtime_cache else None
+        if self.runtime_cache is None:
+            self.context = self.engine.create_execution_context()
+        else:
+            self.context = self.engine.create_execution_context(self.runtime_cache.config)
         if self.context is None:
             raise CudaError(f"{name}: TensorRT could not create an execution context (out of GPU memory?)")
         self.inputs: TensorSpecs = {}
@@ -50,11 +83,15 @@ class Engine:
 
     @classmethod
     def load(cls, path: Path) -> Engine:
+        be = backend.get()
+        path = Path(path)
+        rebuild = EnginesFolder(path.parent).rebuild_command() if (path.parent / "manifest.json").is_file() else None
         try:
-            plan = Path(path).read_bytes()
+            plan = path.read_bytes()
+            cache_file = RuntimeCacheFile(path, be.version) if be.has_runtime_cache else None
         except OSError as e:
             raise UserError(f"{path}: cannot read the engine ({e.strerror})") from None
-        return cls(plan, str(path))
+        return cls(plan, str(path), cache_file, rebuild)
 
     @classmethod
     def from_network(cls, defined, name: str) -> Engine:
@@ -62,6 +99,7 @@ class Engine:
         the way to run a network no engines folder holds, such as the calibration network."""
         from ..engines import build_engine
 
+        check_backend_runs_here(name)
         plan, _ = build_engine(defined.definition, "native")
         return cls(plan, name)
 
@@ -78,6 +116,22 @@ class Engine:
         if not self.context.execute_async_v3(int(stream)):
             raise CudaError(f"{self.name}: execute_async_v3 failed (TensorRT's messages above say why)")
 
+    def save_runtime_cache(self) -> None:
+        """Persist the kernels TensorRT-RTX compiled so far (call once an enqueue has completed)."""
+        if self.runtime_cache is not None:
+            self.runtime_cache.save()
+
+    def release(self) -> None:
+        """Save the runtime cache, then destroy what loading made in the reverse order: the execution
+        context, the runtime config and cache it was created with, the engine, the runtime."""
+        if self.context is None:
+            return
+        self.save_runtime_cache()
+        self.context = None
+        self.runtime_cache = None
+        self.engine = None
+        self.runtime = None
+
 
 def nbytes(spec: tuple[tuple[int, ...], np.dtype]) -> int:
     shape, dtype = spec
@@ -86,13 +140,16 @@ def nbytes(spec: tuple[tuple[int, ...], np.dtype]) -> int:
 
 class EngineExecutor:
     """Runs an engine on named numpy inputs and returns every output as numpy, through pinned host
-    buffers and device buffers allocated once; one stream, synchronized at the end of each run."""
+    buffers and device buffers allocated once; one stream (its own unless one is given, destroyed
+    by `free`), synchronized at the end of each run. The engine stays its owner's to release."""
 
     def __init__(self, engine: Engine, stream: Stream | None = None):
         self.engine = engine
         self.inputs = engine.inputs
         self.outputs = engine.outputs
-        self.stream = stream or Stream()
+        self.own_stream = stream is None
+        self.stream = Stream() if stream is None else stream
+        self.runs = 0
         specs = {**engine.inputs, **engine.outputs}
         self.device = {name: DeviceBuffer(nbytes(spec)) for name, spec in specs.items()}
         self.host = {name: HostBuffer(*spec) for name, spec in specs.items()}
@@ -114,8 +171,13 @@ class EngineExecutor:
         for name in self.outputs:
             self.device[name].download(self.host[name], self.stream)
         self.stream.synchronize()
+        self.runs += 1
+        if self.runs == 1:  # what TensorRT-RTX compiled for the first enqueue is worth keeping at once
+            self.engine.save_runtime_cache()
         return {name: self.host[name].array.copy() for name in self.outputs}
 
     def free(self) -> None:
         for buffer in (*self.device.values(), *self.host.values()):
             buffer.free()
+        if self.own_stream:
+            self.stream.destroy()
