@@ -34,7 +34,7 @@ def table_for(model: Path, folder: Path) -> Path:
     component = weights.open_component(model, "unet")
     side = 8 * int(component.config["sample_size"])
     path, table = folder / "calibration.npz", None
-    for recipe in ("int8", "nvidia_modelopt", "fp8", "nvidia_modelopt_fp8"):
+    for recipe in ("int8", "int8_level3", "nvidia_modelopt", "fp8", "nvidia_modelopt_fp8"):
         table = workflow.calibrate_and_tune(model, component, recipe, height=side, width=side, steps=STEPS,
                                             tune_steps=STEPS, calibration=str(path) if table is not None else None)
         table.save(path)
