@@ -22,13 +22,15 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import backend
 from .version import __version__
 from .components import COMPONENTS, DEFAULT_MODEL, ENCODERS, TOKENIZER_FOLDERS
-from . import fusion_lint, support
+from . import configs, fusion_lint, support
+from .calibration.workflow import BuildEngines
 from .engines import (EIGHT_BIT_OPTIMIZATION_LEVEL, build_engine, check_target_takes, choose_target, engine_filename,
                       fused_attention_check, present_gpu, tensor_specs)
 from .errors import UserError, run_cli
@@ -333,6 +335,20 @@ def warn_mixed_builds(manifest: dict, built, batch: int, target: str, height: in
                 f"--components {component} for one consistent set")
 
 
+def check_arguments(components, precision: str, vae_precision: str, batch: int, calibration_steps: int,
+                    optimization_level: int | None) -> tuple[str, ...]:
+    """The flags a build and a dry run check before anything else; returns the components."""
+    components = parse_components(components)
+    check_precisions(precision, vae_precision)
+    if batch < 1:
+        raise UserError(f"--batch {batch}: expected a positive integer")
+    if calibration_steps < 1:
+        raise UserError(f"--calibration-steps {calibration_steps}: expected a positive integer")
+    if optimization_level is not None and not 0 <= optimization_level <= 5:
+        raise UserError(f"--optimization-level {optimization_level}: expected 0 to 5")
+    return components
+
+
 def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int | None = None,
           width: int | None = None, target: str | None = None, components=COMPONENTS,
           vae_precision: str = "fp32", calibration: str | None = None, calibration_prompts: str | None = None,
@@ -346,14 +362,7 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
     UNet (as NVIDIA builds them), TensorRT's own (3) otherwise."""
     out = Path(out)
     check_output_folder(out)
-    components = parse_components(components)
-    check_precisions(precision, vae_precision)
-    if batch < 1:
-        raise UserError(f"--batch {batch}: expected a positive integer")
-    if calibration_steps < 1:
-        raise UserError(f"--calibration-steps {calibration_steps}: expected a positive integer")
-    if optimization_level is not None and not 0 <= optimization_level <= 5:
-        raise UserError(f"--optimization-level {optimization_level}: expected 0 to 5")
+    components = check_arguments(components, precision, vae_precision, batch, calibration_steps, optimization_level)
     be = backend.get()
     target = choose_target(target)
     if "unet" in components:
@@ -390,12 +399,15 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
     for job in jobs.values():
         define(job, "fp16" if job.component == "unet" and eight_bit else job.precision)
     table, lint = None, []
+    # what the engines are built as, with the run's timing cache and the engines a GPU calibration built for it
+    for_folder = BuildEngines(target, batch, optimization_level, vae_precision) if engines else None
     if eight_bit:
         from .calibration.workflow import calibrate_and_tune
 
         table = calibrate_and_tune(model, jobs["unet"].checkpoint, precision, height=height, width=width,
                                    calibration=calibration, prompts_file=calibration_prompts,
-                                   steps=calibration_steps, stats_cache=out / STATS_CACHE, log=log)
+                                   steps=calibration_steps, stats_cache=out / STATS_CACHE, engines=for_folder,
+                                   log=log)
         define(jobs["unet"], precision, table)
         lint = fusion_lint.lint(jobs["unet"].network.network)
         log(f"unet: fusion lint: {len(lint)} findings" + "".join(f"\n  {f}" for f in lint[:10])
@@ -416,20 +428,28 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
     try:
         for i, job in enumerate(jobs.values(), start=1):
             step = f"[{i}/{len(jobs)}] {job.component}"
-            name, seconds = None, 0.0
-            level = optimization_level
-            if level is None and job.component == "unet" and job.precision in RECIPES:
-                level = EIGHT_BIT_OPTIMIZATION_LEVEL
+            name, seconds, level = None, 0.0, None
             if engines:
-                log(f"{step}: building for {target}" + (f" (optimization level {level})" if level is not None else ""))
-                engine, seconds = build_engine(job.network.definition, target, log, optimization_level=level)
+                level = for_folder.level(job.component, job.precision)
+                latent = (height // 8, width // 8) if job.component in ("unet", "vae") else None
+                built = for_folder.take(BuildEngines.key(job.component, job.precision, job.batch, latent, target, level,
+                                                      table if job.component == "unet" else None))
+                if built is not None:
+                    engine, seconds = built
+                    log(f"{step}: the engine calibration built and ran for {target} (this network, these options): "
+                        "written as it is")
+                else:
+                    log(f"{step}: building for {target}"
+                        + (f" (optimization level {level})" if level is not None else ""))
+                    engine, seconds = build_engine(job.network.definition, target, log, optimization_level=level,
+                                                   timing_cache=for_folder.timing_cache)
                 name = engine_filename(job.component, job.precision, target)
                 staged[name] = write_temporary(out / name, engine)
                 log(f"{step}: built {name} ({engine.nbytes / 2**20:.1f} MiB, {seconds:.1f} s)")
                 engine = None
             manifest["engines"][job.component] = manifest_entry(job, name, target if engines else None, batch,
                                                                 height, width)
-            report[job.component] = {"precision": job.precision, "optimization_level": level if engines else None,
+            report[job.component] = {"precision": job.precision, "optimization_level": level,
                                      **report_entry(job.network.definition, seconds)}
             if job.component == "unet" and job.precision in RECIPES:
                 report["unet"]["fusion_lint"] = fusion_lint.report(lint)
@@ -466,6 +486,194 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
     return manifest
 
 
+# ---------------------------------------------------------------- the plan (--dry-run)
+
+
+def unet_facts(model) -> tuple[dict, int | None, object]:
+    """(UNet config, weight bytes, opened component) — bytes and component None for a folder with the
+    UNet's config.json and no weights (a config-only copy of a model, to plan its build)."""
+    from . import weights
+
+    try:
+        component = weights.open_component(model, "unet")
+        return component.config, component.weight_bytes, component
+    except UserError:
+        folder = Path(model).expanduser()
+        found = next((f for f in (folder / "unet" / "config.json", folder / "config.json") if f.is_file()), None)
+        if found is None:
+            raise
+        return load_json(found, "a UNet config"), None, None
+
+
+def is_sdxl_base(config: dict) -> bool:
+    """Whether a UNet config is SDXL base 1.0's (its metadata keys aside)."""
+    def plain(c):
+        return {k: v for k, v in c.items() if not k.startswith("_")}
+
+    return plain(config) == plain(configs.load("sdxl_base_1.0", "unet"))
+
+
+def unet_macs_ratio(model, config: dict, component, height: int, width: int) -> tuple[float, str]:
+    """The UNet's MACs per call (CFG batch 2, this image size) over full-size SDXL's at 1024x1024, and how
+    they were found: counted on the FP16 network defined from the weights; from the image area for a
+    config-only SDXL base UNet (exact at 1024x1024; attention's share grows faster than the area)."""
+    from .calibration import estimate
+    from .models import unet
+
+    if component is not None:
+        net = unet.define(component, batch=2, latent_height=height // 8, latent_width=width // 8)
+        return sum(m.macs for m in net.macs) / estimate.FULL_SIZE_MACS, "counted on the FP16 network"
+    if not is_sdxl_base(config):
+        raise UserError(f"--model {model}: has no UNet weights, and without them the dry run plans SDXL base UNets "
+                        "only (by their config); give the model with its weights")
+    area = (height // 8) * (width // 8) / estimate.FULL_SIZE_LATENT**2
+    return area, "SDXL base's, from its config and the image area"
+
+
+def netexec_call_ms(component, rows: int, latent_h: int, latent_w: int) -> float:
+    """One FP16 UNet call at CFG batch `rows` through netexec, timed now (zero inputs, a mid timestep)."""
+    import numpy as np
+
+    from .executors import NetexecExecutor
+    from .models import unet
+
+    net = unet.define(component, batch=rows, latent_height=latent_h, latent_width=latent_w)
+    feeds = {name: np.zeros(shape, dtype) for name, (shape, dtype) in net.inputs.items()}
+    feeds["timestep"] = np.full(feeds["timestep"].shape, 500.0, np.float32)
+    executor = NetexecExecutor(net)
+    start = time.perf_counter()
+    executor.run(feeds)
+    return 1000.0 * (time.perf_counter() - start)
+
+
+def dry_run(model, precision: str = "fp16", batch: int = 1, height: int | None = None, width: int | None = None,
+            target: str | None = None, components=COMPONENTS, vae_precision: str = "fp32",
+            calibration: str | None = None, calibration_prompts: str | None = None, calibration_steps: int = 20,
+            engines: bool = True, optimization_level: int | None = None, out=print) -> dict:
+    """What `build` with these arguments would build and run, and about how long it would take, printed
+    through `out` and returned; no engine is built and no calibration runs (the UNet is defined, to count
+    its MACs, and on the CPU one netexec call is timed). Where this backend refuses the precision (TensorRT
+    for RTX has no INT8 activations), the plan is NVIDIA TensorRT's, and says so. Without a GPU here, a
+    UNet too large for netexec is planned as the build would run on a GPU of the target."""
+    from .calibration import estimate
+    from .calibration.prompts import load_prompts, model_prompts
+    from .calibration.workflow import plan_calibration
+    from .quant.table import CalibrationTable
+    from .runtime import cuda
+
+    components = check_arguments(components, precision, vae_precision, batch, calibration_steps, optimization_level)
+    be = backend.get()
+    target = choose_target(target)
+    gpu = present_gpu() if cuda.probe()[0] > 0 else None
+    arch = gpu[0] if target == "native" and gpu else target
+    backend_name, notes = be.name, []
+    recipe = "fp16" if precision == "auto" else precision
+    if "unet" in components:
+        try:
+            recipe = resolve_precision(precision, target, engines).recipe
+        except UserError as refusal:
+            if not be.is_rtx:
+                raise
+            recipe = support.resolve(precision, "tensorrt", "10", arch, gpu[1] if gpu else None, engines).recipe
+            backend_name = "tensorrt"
+            notes.append(f"{refusal}; planned for NVIDIA TensorRT instead")
+    try:
+        config, weight_bytes, component = unet_facts(model)
+        cfg = UNetConfig.parse(config)
+    except UserError:
+        if "unet" in components:
+            raise
+        config = weight_bytes = component = None  # a build without the UNet: sized as SDXL's
+    if config is not None:
+        height, width = check_image_size(height, width, cfg.image_multiple, cfg.default_image_side)
+        ratio, macs_how = unet_macs_ratio(model, config, component, height, width)
+    else:
+        height, width = check_image_size(height, width, 8, 1024)
+        ratio, macs_how = 1.0, "no UNet here: build times as full-size SDXL's"
+    eight_bit = "unet" in components and recipe != "fp16"
+    expensive = gpu is not None or weight_bytes is None or weight_bytes > NETEXEC_MAX_UNET_BYTES
+    if gpu is None and expensive and eight_bit:
+        size = "its full-size UNet" if weight_bytes is None else f"this {weight_bytes / 2**30:.1f} GiB UNet"
+        notes.append(f"no GPU here, and {size} calibrates on a GPU only: planned for a machine with a GPU of the "
+                     f"target ({arch})")
+    keep = engines and expensive and (gpu is None or target in ("native", gpu[0]))
+    plan = None
+    if eight_bit:
+        if calibration:
+            meta = CalibrationTable.load(calibration, component.fingerprint() if component else None, arrays=False).meta
+            plan = plan_calibration(recipe, expensive=expensive, table_meta=meta, build_images=batch, keep=keep)
+        else:
+            plan = plan_calibration(recipe, expensive=expensive,
+                                    prompts=load_prompts(calibration_prompts or model_prompts(model)),
+                                    steps=calibration_steps, build_images=batch, keep=keep)
+    written = [c for c in components if engines and not (plan and c in plan.kept)]
+    calls = plan.unet_calls if plan else []
+    tuning_builds = ([("unet", prec) for _, prec in plan.unet_networks] + [(c, "fp16") for c in plan.other_networks]
+                     if plan and expensive else [])  # on netexec they are definitions: seconds
+    folder_builds = [(c, recipe if c == "unet" else "fp16") for c in written]
+    build_minutes = sum(estimate.build_minutes(backend_name, c, prec, ratio)
+                        for c, prec in tuning_builds + folder_builds)
+    figures = estimate.gpu_figures(arch, gpu[1] if gpu else None) if expensive else None
+    if not calls:
+        call_minutes, where = 0.0, ""
+    elif figures:
+        ms = lambda prec: figures.unet_ms[estimate.SAME_LAYERS.get(prec, prec)]  # noqa: E731
+        call_minutes = sum(n * estimate.unet_call_ms(figures, prec, rows, ratio) for _, n, rows, prec in calls) / 60_000
+        where = (f"on the {figures.name} ({figures.how}; roofline per full-size UNet call: FP16 {ms('fp16'):.1f} ms"
+                 + (f", {recipe} {ms(recipe):.1f} ms" if recipe != "fp16" else "") + ")")
+    elif not expensive and component is not None:
+        netexec_ms = {rows: netexec_call_ms(component, rows, height // 8, width // 8)
+                      for rows in {r for _, _, r, _ in calls}}
+        call_minutes = sum(n * netexec_ms[rows] for _, n, rows, _ in calls) / 60_000
+        where = ("on this CPU (netexec: one FP16 UNet call timed now at each CFG batch, "
+                 + ", ".join(f"{ms:.0f} ms at {rows}" for rows, ms in sorted(netexec_ms.items())) + ")")
+    else:
+        call_minutes, where = None, f"(no figures for {arch}: engine builds only)"
+
+    out(f"dry run: {model}: UNet {recipe} for {target} with {backend_name}"
+        + (f" {be.version}" if backend_name == be.name else "") + f", batch {batch}, {width}x{height}; "
+        f"components {', '.join(components)}")
+    for note in notes:
+        out(f"  note: {note}")
+    if plan and plan.tuning == "tuned in the table":
+        out(f"  calibration and tuning: none (--calibration {calibration} has {recipe}'s choices)")
+    elif plan:
+        how = {"per layer": "candidates scored per layer on the calibration rows, the chosen network built once",
+               "image space": "one network per candidate, its held-aside images against FP16's"}.get(plan.tuning)
+        out(f"  calibration and tuning on the {'GPU' if expensive else 'CPU (netexec)'}: tuning {plan.tuning}"
+            + (f" ({how})" if how else ""))
+        kinds = Counter(what for what, _ in plan.unet_networks)
+        if plan.unet_networks:
+            out(f"  networks they {'build as engines' if expensive else 'define'}: unet x {len(plan.unet_networks)} ("
+                + "; ".join(what + (f" x {n}" if n > 1 else "") for what, n in kinds.items()) + "), "
+                + ", ".join(plan.other_networks))
+        if calls:
+            out("  UNet calls: " + ", ".join(f"{what} {n} at CFG batch {rows}" for what, n, rows, _ in calls)
+                + f" ({sum(n for _, n, _, _ in calls)} in all); VAE decodes: {plan.vae_decodes}")
+    if not engines:
+        out("  engines the build writes: none (--no-engines)")
+    else:
+        taken = [c for c in components if c not in written]
+        out(f"  engines the build writes: {', '.join(components)}"
+            + (f" ({', '.join(taken)} as calibration built them; built again: {', '.join(written) or 'none'})"
+               if taken else ""))
+    unet_builds = sum(1 for c, _ in tuning_builds + folder_builds if c == "unet")
+    out(f"  engine builds in all: {len(tuning_builds) + len(folder_builds)}, {unet_builds} of them the UNet's")
+    total = None if call_minutes is None else call_minutes + build_minutes
+    out(f"  estimate{' ' + where if where else ''}: "
+        + (f"UNet calls {call_minutes:.1f} min, " if call_minutes is not None else "")
+        + f"engine builds {build_minutes:.1f} min ({backend_name}; assumptions: trt_sdxl/calibration/estimate.py)"
+        + (f", about {total:.0f} min in all" if total is not None and total >= 1 else
+           f", about {60 * total:.0f} s in all" if total is not None else ""))
+    out(f"  UNet MACs: {ratio:.3g} x full-size SDXL's at 1024x1024 ({macs_how})")
+    return {"recipe": recipe, "backend": backend_name, "tuning": plan.tuning if plan else None,
+            "unet_networks": plan.unet_networks if plan else [], "other_networks": plan.other_networks if plan else [],
+            "unet_calls": calls, "written": written, "kept": list(plan.kept) if plan else [],
+            "engine_builds": len(tuning_builds) + len(folder_builds), "unet_engine_builds": unet_builds,
+            "gpu": figures.name if figures else None, "call_minutes": call_minutes, "build_minutes": build_minutes,
+            "minutes": total}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m trt_sdxl.build", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL),
@@ -481,6 +689,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-engines", action="store_true",
                    help="define, calibrate and write the folder (manifest, calibration table, report, model copy) "
                         "without building engines, for any precision: generate --cpu runs it")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what the build would build and run — engine builds per component, UNet calls of "
+                        "calibration and tuning — and about how long it would take on the GPU present (or "
+                        "--target's), without doing it")
     p.add_argument("--optimization-level", type=int, default=None, metavar="N",
                    help=f"the builder's optimization level, 0-5 (default: {EIGHT_BIT_OPTIMIZATION_LEVEL} for an "
                         "8-bit UNet, as NVIDIA builds them; TensorRT's default 3 otherwise)")
@@ -505,6 +717,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.dry_run:
+        return run_cli("trt_sdxl.build", lambda: dry_run(
+            args.model, precision=args.precision, batch=args.batch, height=args.height, width=args.width,
+            target=args.target, components=args.components, vae_precision=args.vae_precision,
+            calibration=args.calibration, calibration_prompts=args.calibration_prompts,
+            calibration_steps=args.calibration_steps, engines=not args.no_engines,
+            optimization_level=args.optimization_level), "nothing was written")
     return run_cli("trt_sdxl.build", lambda: build(
         args.model, Path(args.out), precision=args.precision, batch=args.batch, height=args.height,
         width=args.width, target=args.target, components=args.components, vae_precision=args.vae_precision,

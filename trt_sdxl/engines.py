@@ -152,20 +152,54 @@ class BuildMonitor:
             signal.signal(signal.SIGINT, previous)
 
 
+class TimingCache:
+    """One builder timing cache for every engine build of a run, on NVIDIA TensorRT: a layer whose
+    tactics one build timed is not timed again by the next (the calibration network and the FP16 and
+    8-bit UNets share most layers, and SDXL repeats its blocks). The cache is created by the first
+    build's config and attached to each later one (ITimingCache: "it can be shared across builder
+    instances"). Kept in memory for the run only. TensorRT for RTX times no tactics when it builds,
+    and there a timing cache would force a GPU query during CPU-only builds: not attached
+    (Backend.has_timing_cache)."""
+
+    def __init__(self):
+        self.cache = None
+
+    def attach(self, config) -> bool:
+        """Attach the cache to a builder config (creating it from the first); False where the backend
+        has none."""
+        if not backend.get().has_timing_cache:
+            return False
+        if self.cache is None:
+            self.cache = config.create_timing_cache(b"")
+        return bool(config.set_timing_cache(self.cache, False))
+
+
 def build_engine(definition, target: str, log: Log = silent, optimization_level: int | None = None,
-                 detailed: bool = False):
+                 detailed: bool = False, timing_cache: TimingCache | None = None):
     """Serialize the network for `target`; returns the engine (TensorRT host memory, which supports
     the buffer protocol: written to disk or deserialized without a copy) and the seconds it took.
     `optimization_level`: the builder's (0-5; None: TensorRT's default, 3). `detailed`: profiling
     verbosity DETAILED, so the engine inspector reports each layer's formats and tactic (it adds
-    layer details to the engine's NVTX ranges, not work to its kernels)."""
+    layer details to the engine's NVTX ranges, not work to its kernels). `timing_cache`: the run's
+    TimingCache (NVIDIA TensorRT), shared by its builds.
+
+    Where the backend has it (TensorRT-RTX), REQUIRE_USER_ALLOCATION is set on every engine: its
+    enqueue then never allocates memory at run time, which CUDA stream capture cannot record. It costs
+    our engines nothing: their shapes are fixed, the runtime gives every input and output an address
+    of its own and lets the execution context allocate its scratch memory once, when it is created,
+    and a build of a network needing run-time allocation (data-dependent shapes) fails instead of
+    making an engine that cannot be captured."""
     be = backend.get()
     config = definition.builder.create_builder_config()
     be.set_target(config, target)
+    if be.has_require_user_allocation:
+        config.set_flag(be.module.BuilderFlag.REQUIRE_USER_ALLOCATION)
     if optimization_level is not None:
         config.builder_optimization_level = optimization_level
     if detailed:
         config.profiling_verbosity = be.module.ProfilingVerbosity.DETAILED
+    if timing_cache is not None:
+        timing_cache.attach(config)
     monitor = BuildMonitor(log)
     monitor.attach(config)
     start = time.perf_counter()

@@ -277,7 +277,11 @@ def smooth_input(d: Definition, x, path: str):
 
 def tap(d: Definition, x, path: str, channel_axis: int, sample_rows: bool) -> None:
     """Calibration: the per-sample, per-channel abs-max of x as output `amax:<path>` ([B, C], fp32),
-    and for a [B, S, C] linear input a few sampled token rows as `rows:<path>` ([B, R, C])."""
+    and sampled rows of x as `rows:<path>` (fp32): for a [B, S, C] linear input (`sample_rows`) a few
+    token rows ([B, R, C]); for a convolution's [B, C, H, W] input a few k x k patches as rows of its
+    im2col matrix ([B, R, C*k*k], channel-major like the [O, C, k, k] weight), zero where a patch
+    overhangs the border as under the conv's own padding, so `rows @ weight.reshape(O, -1).T` is the
+    conv's output at the patch centres, bias aside."""
     if d.taps is None or not d.taps.wants(path):
         return
     trt = backend.trt()
@@ -290,6 +294,16 @@ def tap(d: Definition, x, path: str, channel_axis: int, sample_rows: bool) -> No
         idx = d.taps.sample_positions(x.shape[1])
         rows = d.network.add_gather(x, constant(d, idx), 1).get_output(0)  # [B, R, C]
         mark_output(d, rows, f"rows:{path}", np.float32)
+    elif rank == 4 and axis == 1:
+        b, c, h, w = shape(x)
+        k = d.weights.shape(f"{path}.weight")[-1]
+        (hi, hm), (wi, wm) = d.taps.patch_windows(h, k), d.taps.patch_windows(w, k)
+        g = d.network.add_gather(x, constant(d, hi), 2).get_output(0)  # [B, C, r*k, W]
+        g = d.network.add_gather(g, constant(d, wi), 3).get_output(0)  # [B, C, r*k, r*k]
+        g = mul(d, g, constant(d, np.outer(hm, wm).reshape(1, 1, len(hm), len(wm)).astype(d.dtype)))
+        r = len(hi) // k
+        g = reshape(d, g, (b, c, r, k, r, k), second_transpose=(0, 2, 4, 1, 3, 5))  # [B, r, r, C, k, k]
+        mark_output(d, reshape(d, g, (b, r * r, c * k * k)), f"rows:{path}", np.float32)  # [B, R, C*k*k]
     d.taps.add(path)
 
 

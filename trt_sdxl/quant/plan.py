@@ -2,8 +2,10 @@
 
 `CalibrationTaps` says which inputs the calibration network records: for every input of a
 layer that some recipe quantizes the layer helpers add an in-graph reduction — the per-channel
-abs-max — as an extra output (`amax:<path>`), and for linear layers a few sampled rows
-(`rows:<path>`), so only small vectors leave the device.
+abs-max — as an extra output (`amax:<path>`), and a few sampled rows (`rows:<path>`): token rows
+of linear inputs, k x k patches (im2col rows) of convolution inputs — so only small vectors leave
+the device. The rows feed the SmoothQuant alpha search and the per-layer error measures of the
+tuning (trt_sdxl.calibration.tune), which gets an attention BMM input's rows from its projection's.
 
 `QuantPlan` turns a CalibrationTable into what the quantized network needs: which layers
 run in 8 bits, each activation's amax (after smoothing, by the table's amax rule), and the
@@ -22,6 +24,7 @@ from .smoothquant import smoothing_scales, weight_channel_amax
 from .table import CalibrationTable
 
 SAMPLE_POSITIONS = 8  # token rows sampled per linear input per call (x batch)
+PATCH_GRID = 2  # conv inputs: PATCH_GRID x PATCH_GRID patches sampled per call (x batch)
 
 
 def tapped(path: str) -> bool:
@@ -48,6 +51,16 @@ class CalibrationTaps:
     def sample_positions(tokens: int) -> np.ndarray:
         """The token rows sampled from a linear input of `tokens` rows, evenly spread (int32)."""
         return np.linspace(0, tokens - 1, min(SAMPLE_POSITIONS, tokens)).round().astype(np.int32)
+
+    @staticmethod
+    def patch_windows(size: int, kernel: int) -> tuple[np.ndarray, np.ndarray]:
+        """Along one spatial axis of `size`: the indices of PATCH_GRID windows of `kernel` positions,
+        centred at floor((i + 1/2) size / PATCH_GRID) (int32, clamped into the axis), and a 0/1 mask
+        that zeroes the positions past the border — the zero padding of a `kernel // 2`-padded conv."""
+        centres = np.floor((np.arange(PATCH_GRID) + 0.5) * size / PATCH_GRID).astype(np.int64)
+        raw = (centres[:, None] + np.arange(kernel) - kernel // 2).reshape(-1)  # [PATCH_GRID * kernel]
+        inside = (raw >= 0) & (raw < size)
+        return np.clip(raw, 0, size - 1).astype(np.int32), inside.astype(np.float32)
 
 
 def fixed_choices(recipe: str, groups) -> dict | None:

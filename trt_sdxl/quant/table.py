@@ -3,7 +3,9 @@
 Per tapped layer input (by module path):
 - `tensor/<path>` [prompts, steps]: per-tensor abs-max of every UNet call (before smoothing);
 - `chan/<path>` [3, steps, C]: per-input-channel abs-max combined over prompts (mean, max, min);
-- `rows/<path>` [N, C]: activation rows sampled from a few calls (the SmoothQuant alpha search).
+- `rows/<path>` [N, C]: activation rows sampled from a few calls — token rows of linear inputs,
+  [N, C*k*k] im2col patches of conv inputs (the SmoothQuant alpha search and the per-layer tuning;
+  tables written before conv patches were sampled lack those).
 Plus `meta` (JSON): format version, the UNet checkpoint's fingerprint, scheduler, steps,
 guidance scale, seeds, number and hash of the prompts, and the tuned choices: the amax rule
 and the alpha of every smoothing group. A quantized network is a pure function of this file.
@@ -64,8 +66,9 @@ class CalibrationTable:
         return buffer.getvalue()
 
     @classmethod
-    def load(cls, path: str | Path, fingerprint: str | None = None) -> CalibrationTable:
-        """Read a table; with `fingerprint`, refuse one made for another UNet checkpoint."""
+    def load(cls, path: str | Path, fingerprint: str | None = None, arrays: bool = True) -> CalibrationTable:
+        """Read a table; with `fingerprint`, refuse one made for another UNet checkpoint. `arrays=False`:
+        its meta only (the statistics stay on disk)."""
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -73,7 +76,7 @@ class CalibrationTable:
                 if not isinstance(meta, dict):
                     raise ValueError("its meta entry is not a JSON object")
                 table = cls(meta=meta)
-                for key in z.files:
+                for key in z.files if arrays else ():
                     prefix, _, name = key.partition("/")
                     target = {"tensor": table.tensor_amax, "chan": table.channel_amax, "rows": table.rows}.get(prefix)
                     if target is not None:
