@@ -1,7 +1,6 @@
 """Our tuned 8-bit recipes against NVIDIA's (ModelOpt's) and plain max calibration, in image space on
 the trained default and its outlier twin: the relative claims of tools/quality_report.py that its
-full run confirms (BENCHMARKS.md: FP8 ours trails NVIDIA's FP8 recipe, so that is not claimed), on a
-smaller sample (the model's own calibration prompts at 8 steps instead of 20; 10 images x 2 seeds
+full run confirms (BENCHMARKS.md), on a smaller sample (the model's own calibration prompts at 8 steps instead of 20; 10 images x 2 seeds
 at 8 steps instead of 200 x 3 at 10). The absolute figures are the report's (BENCHMARKS.md)."""
 
 from __future__ import annotations
@@ -61,9 +60,25 @@ def scores(tmp_path_factory) -> dict[str, dict[str, float]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["default", "twin"])
-def test_int8_ours_is_at_least_nvidias_recipe(scores, model):
+def test_int8_ours_beats_nvidias_recipe_by_2_db(scores, model):
+    """The report: +2.8 dB on both models (the issue's target: +2 dB on the outlier twin)."""
     ours, nvidia = scores[model]["INT8 ours"], scores[model]["INT8 nvidia_modelopt"]
-    assert ours >= nvidia - NOISE_DB, f"{model} INT8: ours {ours:.2f} dB, nvidia_modelopt {nvidia:.2f} dB"
+    assert ours >= nvidia + 2.0, f"{model} INT8: ours {ours:.2f} dB, nvidia_modelopt {nvidia:.2f} dB"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["default", "twin"])
+def test_fp8_ours_is_at_least_nvidias_recipe(scores, model):
+    ours, nvidia = scores[model]["FP8 ours"], scores[model]["FP8 nvidia_modelopt"]
+    assert ours >= nvidia - NOISE_DB, f"{model} FP8: ours {ours:.2f} dB, nvidia_modelopt_fp8 {nvidia:.2f} dB"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["default", "twin"])
+def test_level_2_5_layers_keep_more_quality_than_level_3(scores, model):
+    """Why `int8` is NVIDIA's level-2.5 set (the report: 1.75 / 3.1 dB better than level 3)."""
+    ours, level3 = scores[model]["INT8 ours"], scores[model]["INT8 ours, level 3"]
+    assert ours >= level3 + NOISE_DB, f"{model}: level 2.5 {ours:.2f} dB, level 3 {level3:.2f} dB"
 
 
 @pytest.mark.slow

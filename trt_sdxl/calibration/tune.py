@@ -57,9 +57,11 @@ PSNR_PEAK = 2.0  # images in [-1, 1]
 
 
 def kinds_of(recipe: str) -> tuple[str, ...]:
-    """The layer kinds whose amax rule is tuned: conv and linear inputs, and the attention BMM inputs
-    where the recipe quantizes them."""
-    return ("conv", "linear", "attention") if check_recipe(recipe)["attention_bmm"] else ("conv", "linear")
+    """The layer kinds whose amax rule is tuned: the conv inputs where the recipe quantizes convolutions
+    (fp8_gemm does not), the linear inputs, and the attention BMM inputs where it quantizes them."""
+    spec = check_recipe(recipe)
+    convs = any("conv" in pattern for pattern in spec["layers"])
+    return (("conv",) if convs else ()) + ("linear",) + (("attention",) if spec["attention_bmm"] else ())
 
 
 def smoothing_settings(alphas: dict) -> dict[str, dict]:
@@ -181,7 +183,7 @@ def tune(table: CalibrationTable, recipe: str, weights, quantized_executor: Call
                    for rule in CANDIDATE_RULES[kind]]
         best = max(options, key=lambda rules: evaluate(rules, best_setting))
     if alphas:  # NVIDIA's own parameters on this recipe's layers, as a candidate
-        evaluate(RuleSet(conv=MODELOPT_CONV, linear=MAX, attention=MAX), "alpha 0.8")
+        evaluate(RuleSet(conv=MODELOPT_CONV if "conv" in kinds else MAX, linear=MAX, attention=MAX), "alpha 0.8")
     chosen = max(scores.values(), key=lambda s: s["psnr"])
     baseline = scores[(plain.describe(), "none")] if (plain.describe(), "none") in scores else None
     log(f"tune {recipe}: chose {chosen['setting']} smoothing, amax {chosen['rules'].describe()} (PSNR "
