@@ -17,6 +17,7 @@ import pytest
 
 from trt_sdxl import backend, build
 from trt_sdxl.engines import build_engine
+from trt_sdxl.errors import UserError
 from trt_sdxl.components import COMPONENTS, DEFAULT_MODEL
 from trt_sdxl.files import write_atomic
 from trt_sdxl.models import clip, unet, vae
@@ -198,6 +199,12 @@ def check_failed_cleanly(proc, needle: str, out: Path, before: dict[str, bytes])
     (["--width", "-64"], "--width -64: expected a positive multiple of 32"),
     (["--target", "native"], "--target native: no GPU found"),
     (["--batch", "0"], "--batch 0"),
+    (["--batch", "4-2"], "--batch 4-2: expected a positive integer or a rising range like 1-4"),
+    (["--prompt-chunks", "0"], "--prompt-chunks 0: expected a positive integer"),
+    (["--resolutions", "100-200"], "--resolutions 100-200: expected a positive multiple of 32"),
+    (["--resolutions", "1024x1000"], "--resolutions 1024x1000: height 1000: expected a positive multiple of 32"),
+    (["--resolutions", "big"], "--resolutions big: expected a range of sides like 768-1344"),
+    (["--resolutions", "64-128", "--height", "64"], "--height/--width and --resolutions: give one or the other"),
     (["--target", "SM90"], "TensorRT for RTX runs on RTX GPUs only — for this one install NVIDIA TensorRT"),
     (["--components", "unet,clip"], "--components unet,clip: 'clip' is not a component; expected a "
                                     "comma-separated list of text_encoder, text_encoder_2, unet, vae"),
@@ -557,3 +564,82 @@ def test_interrupted_tuning_keeps_the_finished_calibration(tmp_path, monkeypatch
     assert proc.returncode == 0, proc.stderr
     assert "resuming from the finished calibration" in proc.stderr and "calibration: prompt 6/6" not in proc.stderr
     assert (out / "calibration.npz").is_file() and not (out / ".calibration-stats.npz").exists()
+
+
+# ---------------------------------------------------------------- engines with dynamic shapes
+
+PROFILE_FLAGS = ["--resolutions", "sdxl-buckets", "--resolutions", "512-768", "--batch", "1-4", "--prompt-chunks", "3"]
+
+
+@pytest.fixture(scope="module")
+def bucket_build(tmp_path_factory):
+    """The tiny default's four engines for SM89 with two profiles: every SDXL bucket (a box of 640-1536 px
+    sides) and 512-768 px, batch 1-4, prompts up to 3 x 75 tokens."""
+    out = tmp_path_factory.mktemp("buckets") / "engines"
+    return out, run_cli("--out", str(out), *PROFILE_FLAGS)
+
+
+@pytest.mark.parametrize("target", ["SM89", "SM120"])
+def test_multi_profile_engines_build_ahead_of_time(bucket_build, tmp_path, target):
+    if target == "SM89":
+        out, proc = bucket_build
+    else:
+        out = tmp_path / "engines"
+        proc = run_cli("--out", str(out), "--target", target, *PROFILE_FLAGS)
+    assert proc.returncode == 0, proc.stderr
+    assert "shapes: 2 profiles: batch 1-4, 640-1536 x 640-1536 px (width x height; sdxl-buckets)" in proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    unet_entry = manifest["engines"]["unet"]
+    assert [p["resolutions"] for p in unet_entry["profiles"]] == ["sdxl-buckets", "512-768"]
+    assert {t["name"]: t["shape"] for t in unet_entry["inputs"]}["sample"] == [-1, 4, -1, -1]
+    buckets, small = unet_entry["input_profiles"]
+    assert buckets["sample"] == {"min": [2, 4, 80, 80], "opt": [2, 4, 128, 128], "max": [8, 4, 192, 192]}
+    assert buckets["encoder_hidden_states"]["max"][1] == 3 * 77 and small["sample"]["max"] == [8, 4, 96, 96]
+    for component in COMPONENTS:
+        entry = manifest["engines"][component]
+        assert (out / entry["file"]).stat().st_size > 100_000 and entry["target"] == target
+        assert len(entry["input_profiles"]) == 2, component
+    text = {t["name"]: t["shape"] for t in manifest["engines"]["text_encoder"]["inputs"]}
+    assert text["input_ids"] == [-1, 77]  # images x prompt chunks rows
+    assert manifest["engines"]["text_encoder"]["input_profiles"][0]["input_ids"]["max"] == [12, 77]
+
+
+@pytest.mark.slow
+def test_one_folder_serves_every_bucket_and_batch_1_to_4_on_the_cpu(bucket_build):
+    from trt_sdxl import Generator
+    from trt_sdxl.shapes import SDXL_BUCKETS
+
+    out, proc = bucket_build
+    assert proc.returncode == 0, proc.stderr
+    with Generator.load(out, device="cpu") as g:
+        assert (g.width, g.height) == (1024, 1024)  # the opt size
+        for w, h in SDXL_BUCKETS:
+            (image,) = g.generate("a photo of a sneaker", steps=1, seed=3, width=w, height=h)
+            assert image.rgb.shape == (h, w, 3) and f"Size: {w}x{h}" in image.infotext
+        images = g.generate("a photo of a bag", steps=1, seed=3, batch=4, width=512, height=512)
+        assert [i.seed for i in images] == [3, 4, 5, 6] and all(i.rgb.shape == (512, 512, 3) for i in images)
+        long_prompt = ", ".join(["a (white:1.2) sneaker with black laces on a grey floor"] * 6)  # 2 chunks
+        (image,) = g.generate(long_prompt, "blurry", steps=1, seed=3, width=512, height=768, long_prompts=True,
+                              weighting=True)
+        assert image.rgb.shape == (768, 512, 3)
+        with pytest.raises(UserError, match=r"batch 1, 2048x1024 px.* is outside the profiles of the unet engine "
+                                            r"\(batch 1-4, 640-1536 x 640-1536 px"):
+            g.generate("a sneaker", steps=1, width=2048, height=1024)
+        with pytest.raises(UserError, match="engines were built for 3 chunk"):
+            g.generate(", ".join(["a sneaker on the floor"] * 60), steps=1, width=512, height=512, long_prompts=True)
+
+
+@pytest.mark.slow
+def test_8bit_engine_with_dynamic_shapes_builds_from_the_opt_shape(int8_build, tmp_path):
+    """FP8 (fp8_gemm on TensorRT for RTX) UNet with a profile: calibrated at the opt shape, Q/DQ for every shape."""
+    out, proc = int8_build
+    assert proc.returncode == 0, proc.stderr
+    fp8 = tmp_path / "fp8"
+    proc = run_cli("--out", str(fp8), "--precision", "fp8", "--components", "unet", "--calibration",
+                   str(out / "calibration.npz"), "--resolutions", "64-128", "--batch", "1-2")
+    assert proc.returncode == 0, proc.stderr
+    entry = json.loads((fp8 / "manifest.json").read_text())["engines"]["unet"]
+    assert entry["input_profiles"][0]["sample"] == {"min": [2, 4, 8, 8], "opt": [2, 4, 8, 8], "max": [4, 4, 16, 16]}
+    assert (fp8 / entry["file"]).is_file()
+    report = json.loads((fp8 / "build_report.json").read_text())["unet"]
+    assert report["fusion_lint"]["findings"] == 0 and report["quantization"]["recipe"] == "fp8_gemm"

@@ -228,3 +228,23 @@ def test_config_disagreeing_with_the_weights_is_a_clear_error(saved):
     component.config = {**component.config, "num_hidden_layers": 2}
     with pytest.raises(UserError, match="tensors were not used by the network"):
         clip.define(component, encoder=1)
+
+
+@pytest.mark.parametrize("encoder", [1, 2])
+def test_one_dynamic_encoder_matches_transformers_at_many_batches(saved, encoder):
+    from trt_sdxl.shapes import ImageProfile, Range
+
+    folder = saved["new"]
+    net = clip.define(folder, encoder, profiles=[ImageProfile(Range(1, 1, 2), Range.one(64), Range.one(64),
+                                                              Range(1, 1, 3), "64x64")])
+    assert net.inputs["input_ids"][0] == (-1, 77) and net.profiles[0]["input_ids"] == ((1, 77), (1, 77), (6, 77))
+    program = netexec.Program(net.network)
+    model = transformers_model(folder, encoder)
+    for rows in (1, 2, 5):
+        ids = tokens(folder, encoder, (PROMPTS * 3)[:rows])
+        out = program.run({"input_ids": ids})
+        hidden, embeds = transformers_forward(model, ids)
+        assert out["hidden_states"].shape == (rows, 77, net.config.hidden_size)
+        assert rel_l2(out["hidden_states"], hidden) <= BUDGET
+        if encoder == 2:
+            assert rel_l2(out["text_embeds"], embeds) <= BUDGET

@@ -138,17 +138,17 @@ def vae_twin(latent) -> np.ndarray:
     return big[:, :3] * np.float32(0.12) - big[:, 3:4] * np.float32(0.05)
 
 
-def unet_specs(batch: int, h: int, w: int) -> dict:
+def unet_specs(batch: int, h: int, w: int, tokens: int = TOKENS) -> dict:
     return {"sample": ((batch, 4, h, w), np.dtype(np.float16)), "timestep": ((batch,), np.dtype(np.float32)),
-            "encoder_hidden_states": ((batch, TOKENS, CONTEXT), np.dtype(np.float16)),
+            "encoder_hidden_states": ((batch, tokens, CONTEXT), np.dtype(np.float16)),
             "text_embeds": ((batch, POOLED), np.dtype(np.float16)), "time_ids": ((batch, 6), np.dtype(np.float32))}
 
 
 class FakeUNetTwin:
     """The fake UNet as an executor (`inputs`, `run(feeds) -> outputs`) for the CPU loop."""
 
-    def __init__(self, batch: int, h: int, w: int):
-        self.inputs = unet_specs(batch, h, w)
+    def __init__(self, batch: int, h: int, w: int, tokens: int = TOKENS):
+        self.inputs = unet_specs(batch, h, w, tokens)
 
     def run(self, feeds: dict) -> dict:
         cond = condition_twin(feeds["encoder_hidden_states"].astype(np.float16),
@@ -212,12 +212,44 @@ class FakeKernels:
 
 
 class FakeEngine:
-    """The Engine interface over FakeKernels: tensor addresses by name, one enqueue per call."""
+    """The Engine interface over FakeKernels: tensor addresses by name, input shapes (static, or any
+    inside one profile: `profile` {input: (min, opt, max)}), one enqueue per call."""
 
-    def __init__(self, kernels: FakeKernels, name: str, inputs: dict, outputs: dict):
-        self.kernels, self.name, self.inputs, self.outputs = kernels, name, inputs, outputs
+    def __init__(self, kernels: FakeKernels, name: str, inputs: dict, outputs: dict, profile: dict | None = None):
+        self.kernels, self.name = kernels, name
+        self.profiles = [profile] if profile else []
+        self.largest = {n: spec[0] for n, spec in {**inputs, **outputs}.items()}
+        if profile:  # dynamic: every axis the profile lets vary is -1, as TensorRT reports it
+            def widen(shape, lo, hi):
+                return tuple(-1 if a != b else d for d, a, b in zip(shape, lo, hi))
+            inputs = {n: (widen(shape, profile[n][0], profile[n][2]), dt) for n, (shape, dt) in inputs.items()}
+            outputs = {n: ((-1, *shape[1:2], -1, -1), dt) for n, (shape, dt) in outputs.items()}
+        self.inputs, self.outputs = inputs, outputs
+        self.shapes = dict(self.largest)  # what the next enqueue runs at
+        self.shape_calls = 0
         self.addresses: dict[str, int] = {}
         self.enqueues, self.enqueues_when_asked = 0, None
+
+    @property
+    def dynamic(self) -> bool:
+        return bool(self.profiles)
+
+    def output_shapes(self, inputs: dict) -> dict:
+        raise NotImplementedError
+
+    def set_shapes(self, shapes: dict, stream) -> dict:
+        self.shape_calls += 1
+        for n, shape in shapes.items():
+            if self.profiles:
+                lo, _, hi = self.profiles[0][n]
+                assert all(a <= v <= b for a, v, b in zip(lo, shape, hi)), f"{n} {shape} outside {lo}..{hi}"
+            else:
+                assert tuple(shape) == self.inputs[n][0], f"{n} {shape}: the engine takes {self.inputs[n][0]}"
+        self.shapes = {**{n: tuple(v) for n, v in shapes.items()}, **self.output_shapes(shapes)}
+        return dict(self.shapes)
+
+    def max_shapes(self, stream) -> dict:
+        return dict(self.largest)
 
     def set_address(self, tensor: str, buffer) -> None:
         if tensor not in self.inputs and tensor not in self.outputs:
@@ -240,10 +272,10 @@ class FakeUNet(FakeEngine):
     mixes the sample's channels, join, fp16 output. `pageable_copy`: every enqueue also copies a
     numpy (pageable) array to the device first, which CUDA refuses inside a capture."""
 
-    def __init__(self, kernels: FakeKernels, batch: int, h: int, w: int):
-        super().__init__(kernels, f"fake unet (batch {batch})", unet_specs(batch, h, w),
-                         {"noise_pred": ((batch, 4, h, w), np.dtype(np.float16))})
-        self.rows, self.plane = batch, h * w
+    def __init__(self, kernels: FakeKernels, batch: int, h: int, w: int, profile: dict | None = None,
+                 tokens: int = TOKENS):
+        super().__init__(kernels, f"fake unet (batch {batch})", unet_specs(batch, h, w, tokens),
+                         {"noise_pred": ((batch, 4, h, w), np.dtype(np.float16))}, profile)
         self.aux = cuda.Stream()
         self.forked, self.joined = cuda.Event(timing=False), cuda.Event(timing=False)
         self.mix = cuda.DeviceBuffer(4 * batch * 4 * h * w)  # scratch, as an execution context has
@@ -251,14 +283,20 @@ class FakeUNet(FakeEngine):
         self.staging = cuda.DeviceBuffer(64)
         self.pageable_copy = False
 
+    def output_shapes(self, inputs: dict) -> dict:
+        return {"noise_pred": tuple(inputs["sample"])}
+
     def _enqueue(self, stream, a) -> None:
-        n = self.rows * 4 * self.plane
+        rows, _, h, w = self.shapes["sample"]
+        tokens = self.shapes["encoder_hidden_states"][1]
+        self.plane = h * w
+        n = rows * 4 * self.plane
         if self.pageable_copy:
             self.staging.upload(np.arange(16, dtype=np.float32), stream)
         self.forked.record(stream)
         self.aux.wait(self.forked)
-        self.kernels.launch("fake_unet_condition", self.rows, self.aux, self.cond, a["encoder_hidden_states"],
-                            a["text_embeds"], a["timestep"], a["time_ids"], self.rows, TOKENS, CONTEXT, POOLED, 6)
+        self.kernels.launch("fake_unet_condition", rows, self.aux, self.cond, a["encoder_hidden_states"],
+                            a["text_embeds"], a["timestep"], a["time_ids"], rows, tokens, CONTEXT, POOLED, 6)
         self.kernels.launch("fake_unet_mix", n, stream, self.mix, a["sample"], self.plane, n)
         self.joined.record(self.aux)
         stream.wait(self.joined)
@@ -274,14 +312,17 @@ class FakeUNet(FakeEngine):
 
 
 class FakeVAE(FakeEngine):
-    def __init__(self, kernels: FakeKernels, batch: int, h: int, w: int):
+    def __init__(self, kernels: FakeKernels, batch: int, h: int, w: int, profile: dict | None = None):
         super().__init__(kernels, f"fake vae (batch {batch})", {"latent": ((batch, 4, h, w), np.dtype(np.float32))},
-                         {"image": ((batch, 3, 8 * h, 8 * w), np.dtype(np.float32))})
-        self.batch, self.h, self.w = batch, h, w
+                         {"image": ((batch, 3, 8 * h, 8 * w), np.dtype(np.float32))}, profile)
+
+    def output_shapes(self, inputs: dict) -> dict:
+        b, _, h, w = inputs["latent"]
+        return {"image": (b, 3, 8 * h, 8 * w)}
 
     def _enqueue(self, stream, a) -> None:
-        self.kernels.launch("fake_vae", self.batch * 3 * 64 * self.h * self.w, stream, a["image"], a["latent"],
-                            self.batch, self.h, self.w)
+        b, _, h, w = self.shapes["latent"]
+        self.kernels.launch("fake_vae", b * 3 * 64 * h * w, stream, a["image"], a["latent"], b, h, w)
 
     def release(self) -> None:
         pass
@@ -438,19 +479,27 @@ def test_graph_replay_equals_eager_launches_and_the_cpu_loop(runtime, monkeypatc
     assert unet.enqueues_when_asked == slices, (f"capturable() asked after {unet.enqueues_when_asked} enqueues; "
                                                 f"TensorRT needs the warm-up enqueue of all {slices} slices first")
     assert unet.enqueues == 2 * slices, "the steps must replay the captured graph, not enqueue the engine"
+    denoiser.release()
     unet.release()
 
     free_before = cuda.memory_info()[0]
     ledger = Ledger(monkeypatch)
     unet = FakeUNet(runtime.kernels, engine_batch, h, w)
-    eager, eager_ms = timed_run(GraphDenoiser(unet, runtime.library, runtime.stream, use_graph=False), scheduler)
-    again, _ = timed_run(GraphDenoiser(unet, runtime.library, runtime.stream), scheduler)
+    eager_denoiser = GraphDenoiser(unet, runtime.library, runtime.stream, use_graph=False)
+    eager, eager_ms = timed_run(eager_denoiser, scheduler)
+    graph_denoiser = GraphDenoiser(unet, runtime.library, runtime.stream)
+    again, _ = timed_run(graph_denoiser, scheduler)
+    enqueues = unet.enqueues
+    replayed, _ = timed_run(graph_denoiser, scheduler)  # the same shape again: its cached graph, no warm-up
+    assert unet.enqueues == enqueues and graph_denoiser.captures == 1
     unet.pageable_copy = True
     refused = GraphDenoiser(unet, runtime.library, runtime.stream)
     with pytest.warns(UserWarning, match=r"capture of the denoising step failed \(cuMemcpyHtoDAsync failed: "
                                          r"CUDA_ERROR_STREAM_CAPTURE_\w+"):
         fallback, _ = timed_run(refused, scheduler)
     assert not refused.replayed_graph
+    for each in (eager_denoiser, graph_denoiser, refused):
+        each.release()
     unet.release()
     free_after = cuda.memory_info()[0]
 
@@ -466,6 +515,7 @@ def test_graph_replay_equals_eager_launches_and_the_cpu_loop(runtime, monkeypatc
           f"{free_before} -> {free_after} bytes")
     assert_same_bits("graph replay vs eager launches", graph, eager)
     assert_same_bits("a second graph run", again, graph)
+    assert_same_bits("the cached graph replayed by a second call", replayed, graph)
     assert_same_bits("the eager fallback after the refused capture", fallback, graph)
     assert err <= 1e-5, f"{scheduler}: GPU loop vs the CPU loop with the twin: rel L2 {err:.2e} > 1e-5"
     assert err_numpy_noise <= 1e-3, f"{scheduler}: vs the CPU loop with numpy's noise: rel L2 {err_numpy_noise:.2e}"
@@ -500,6 +550,65 @@ def test_latents_become_rgb_on_the_device(runtime, monkeypatch):
     assert isinstance(kept, DeviceLatents) and kept.shape == (1, 4, h, w)
     assert_same_bits("decode(latents kept on the device)", decoder.decode(kept), to_uint8_rgb(cpu.decode(on_host)))
     assert kept.buffer.ptr == 0, "the decoder frees the latents it was given"
+    denoiser.release()
     unet.release()
     decoder.release()
     assert not ledger.unbalanced(), f"created/destroyed: {ledger.unbalanced()}"
+
+
+# ---------------------------------------------------------------- one engine, many shapes
+
+
+def cfg_conditioning(rows: int, tokens: int, height: int, width: int, seed: int) -> Conditioning:
+    rng = np.random.default_rng(seed)
+    return Conditioning(rng.standard_normal((rows, tokens, CONTEXT)).astype(np.float32),
+                        rng.standard_normal((rows, POOLED)).astype(np.float32), time_ids(height, width, rows))
+
+
+def test_a_dynamic_engine_serves_many_shapes_with_one_cached_graph_each(runtime, monkeypatch):
+    """A UNet engine with one profile (CFG batch 2-4, latent sides up to the runtime's, 77-154 tokens) and a
+    dynamic VAE: every request shape matches the CPU loop on the twin at that shape; a shape seen again
+    replays its cached graph (no warm-up enqueue, no new capture); `release` frees everything."""
+    from trt_sdxl.runtime.decoder import ImageDecoder
+    from trt_sdxl.runtime.denoiser import GraphDenoiser
+
+    h, w = runtime.latent
+    profile = {"sample": ((2, 4, 4, 4), (2, 4, h, w), (4, 4, h, w)), "timestep": ((2,), (2,), (4,)),
+               "encoder_hidden_states": ((2, TOKENS, CONTEXT), (2, TOKENS, CONTEXT), (4, 2 * TOKENS, CONTEXT)),
+               "text_embeds": ((2, POOLED), (2, POOLED), (4, POOLED)), "time_ids": ((2, 6), (2, 6), (4, 6))}
+    free_before = cuda.memory_info()[0]
+    ledger = Ledger(monkeypatch)
+    unet = FakeUNet(runtime.kernels, 4, h, w, profile=profile, tokens=2 * TOKENS)
+    assert unet.inputs["sample"][0] == (-1, 4, -1, -1)
+    vae = FakeVAE(runtime.kernels, 2, h, w, profile={"latent": ((1, 4, 4, 4), (1, 4, h, w), (2, 4, h, w))})
+    denoiser = GraphDenoiser(unet, runtime.library, runtime.stream)
+    decoder = ImageDecoder(vae, runtime.library, runtime.stream, SCALING_FACTOR)
+    cpu_vae = Pipeline(None, None, None, FakeVAETwin(2, h, w), None, None, scaling_factor=SCALING_FACTOR)
+    shapes = [(2, h, w, TOKENS), (4, h // 2, w // 2, 2 * TOKENS), (2, h // 4 * 3, w // 3, TOKENS), (2, h, w, TOKENS)]
+    steps = 6
+    for call, (rows, lh, lw, tokens) in enumerate(shapes):
+        cond = cfg_conditioning(rows, tokens, 8 * lh, 8 * lw, seed=call)
+        scheduler = "euler_a"
+        latents, noise = device_noise(runtime, (rows // 2, 4, lh, lw), schedulers.create(scheduler, steps).init_noise_sigma)
+        expected = denoise(FakeUNetTwin(rows, lh, lw, tokens), cond, latents, schedulers.create(scheduler, steps), CFG,
+                           noise=noise)
+        enqueues, captures = unet.enqueues, denoiser.captures
+        got = denoiser.denoise(cond, schedulers.create(scheduler, steps), CFG, SEED, latent_size=(lh, lw))
+        assert denoiser.replayed_graph
+        assert_same_bits(f"call {call}: rows {rows}, latent {lh}x{lw}, {tokens} tokens vs the CPU loop", got, expected)
+        seen = call == 3  # the first shape again
+        assert unet.enqueues - enqueues == (0 if seen else 2), "a new shape: warm-up and capture; a seen one replays"
+        assert denoiser.captures - captures == (0 if seen else 1)
+        rgb = decoder.decode(got)
+        assert_same_bits(f"call {call}: decoded", rgb, to_uint8_rgb(cpu_vae.decode(got)))
+        assert rgb.shape == (rows // 2, 8 * lh, 8 * lw, 3)
+    assert len(denoiser.shapes) == 3
+    with pytest.raises(AssertionError, match="outside"):  # the real Engine.set_shapes: a UserError naming its profiles
+        denoiser.denoise(cfg_conditioning(2, TOKENS, 16 * h, 8 * w, 0), schedulers.create("euler", 2), CFG, SEED,
+                         latent_size=(2 * h, w))
+    assert len(denoiser.shapes) == 3, "a failed shape is not kept" 
+    denoiser.release()
+    decoder.release()
+    unet.release()
+    assert not ledger.unbalanced(), f"created/destroyed: {ledger.unbalanced()}"
+    assert cuda.memory_info()[0] == free_before

@@ -215,8 +215,9 @@ def test_resolution_outside_the_engine(tmp_path, capsys, gpu_answers, size):
     h, w = size
     code, err = run_cli(capsys, ["x", "--engines", engines, "--height", h, "--width", w, "--out", tmp_path / "a.png"])
     assert code == 2 and len(err) == 1, err
-    assert f"--height {h} --width {w}: the UNet engine" in err[0] and "built for height 128, width 128" in err[0]
-    assert f"--height {h} --width {w}`" in err[0]  # the rebuild command asks for the requested size
+    assert err[0].startswith(f"trt_sdxl.generate: error: batch 1, {w}x{h} px, 75 prompt tokens (1 chunk) is outside "
+                             "the profiles of the unet engine (batch 1 (or a multiple), 128 x 128 px"), err[0]
+    assert f"--batch 1 --height {h} --width {w}`" in err[0]  # the rebuild command asks for the requested size
 
 
 def test_engines_for_another_gpu(tmp_path):
@@ -265,7 +266,7 @@ def test_a_real_manifest_passes_the_checks(built, tmp_path, capsys, gpu_answers,
     """What trt_sdxl.build writes is what generate reads: with the size asked wrongly, the size error;
     with it right, every check passes and the run reaches the GPU itself."""
     code, err = run_cli(capsys, ["x", "--engines", built, "--height", 2 * SIZE, "--out", tmp_path / "a.png"])
-    assert code == 2 and len(err) == 1 and f"built for height {SIZE}, width {SIZE}" in err[0], err
+    assert code == 2 and len(err) == 1 and f"the unet engine (batch 1 (or a multiple), {SIZE} x {SIZE} px" in err[0], err
 
     def reached(*args, **kwargs):
         raise UserError("reached the GPU")

@@ -93,8 +93,11 @@ def test_bad_requests_name_the_argument(direct):
         direct.generate("x", steps=0)
     with pytest.raises(UserError, match="--scheduler heun"):
         direct.generate("x", scheduler="heun")
-    with pytest.raises(UserError, match="their shapes are fixed"):
-        direct.generate("x", height=2 * direct.height)
+    with pytest.raises(UserError, match=r"batch 1, \d+x8192 px, 75 prompt tokens \(1 chunk\) is outside the profiles of "
+                                        r"the CPU networks \(batch 1-8 \(or a multiple of one\), 32-4096 x 32-4096 px"):
+        direct.generate("x", height=8192)
+    with pytest.raises(UserError, match="multiples of 32"):
+        direct.generate("x", height=100)
     with pytest.raises(UserError, match="device 'tpu'"):
         Generator.load("engines", device="tpu")
 

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "trt_sdxl"
 
 FLOORS = [  # bottom first
     ("errors", "files", "log", "components", "configs", "reference", "version"),
-    ("unet_config", "tokenizer", "png", "schedulers", "kernels"),
+    ("unet_config", "shapes", "tokenizer", "weighting", "png", "schedulers", "kernels"),
     ("backend", "keymap"),
     ("dtypes", "weights", "netexec"),
     ("quant", "engines"),

@@ -220,3 +220,46 @@ def test_run_batched_slices_and_pads():
     assert np.array_equal(out["y"], 2 * x) and np.array_equal(out["total"], x.sum(axis=1))
     out = run_batched(executor, {"x": x[:1]})  # fewer rows than the batch: padded, then cut
     assert np.array_equal(out["y"], 2 * x[:1])
+
+
+def test_long_weighted_prompts_through_our_encoders(ours, tiny_sdxl):
+    """Pipeline.encode_prompt with --long-prompts on our fp16 networks (netexec) against compel on the
+    transformers encoders (plain 75-token splits, compel's BRUTAL mode): the prompt in 3 chunks, the short
+    negative prompt padded with empty-prompt chunks to 3, pooled from chunk 0; with --weighting, A1111's
+    rule on those chunks (weighting.apply_weights, itself checked against a numpy reference)."""
+    from compel import Compel, ReturnedEmbeddingsType, SplitLongTextMode
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from trt_sdxl import weighting
+
+    prompt = ", ".join(["an astronaut riding a horse on the moon with a red flag"] * 12)  # 3 chunks
+    tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl / f) for f in ("tokenizer", "tokenizer_2")]
+    encoders = [CLIPTextModel.from_pretrained(tiny_sdxl / "text_encoder").eval(),
+                CLIPTextModelWithProjection.from_pretrained(tiny_sdxl / "text_encoder_2").eval()]
+    compel = Compel(tokenizer=tokenizers, text_encoder=encoders, requires_pooled=[False, True],
+                    returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+                    truncate_long_prompts=False, split_long_text_mode=SplitLongTextMode.BRUTAL)
+    with torch.no_grad():
+        cond, pooled = (t.numpy() for t in compel(prompt))
+        negative, negative_pooled = (t.numpy() for t in compel("blurry"))
+        empty, _ = (t.numpy() for t in compel(""))
+    negative = np.concatenate([negative, empty, empty], axis=1)  # compel's padding: empty-prompt chunks
+    got = ours.encode_prompt([prompt], ["blurry"], SIZE, SIZE, long_prompts=True)
+    assert got.context.shape == (2, 3 * 77, 64) and cond.shape == (1, 3 * 77, 64)
+    for name, value, expected in (("negative context", got.context[:1], negative), ("context", got.context[1:], cond),
+                                  ("negative pooled", got.text_embeds[:1], negative_pooled),
+                                  ("pooled", got.text_embeds[1:], pooled)):
+        assert rel_l2(value, expected) <= BUDGET, f"{name}: rel L2 {rel_l2(value, expected):.2e}"
+
+    weighted = prompt.replace("red flag", "(red flag:1.4)", 1).replace("horse", "[horse]", 1)
+    got_weighted = ours.encode_prompt([weighted], ["blurry"], SIZE, SIZE, long_prompts=True, weighting=True)
+    plain = ours.encode_prompt([weighted.replace("(", "").replace(")", "").replace(":1.4", "").replace("[", "")
+                                .replace("]", "")], ["blurry"], SIZE, SIZE, long_prompts=True)
+    expected = np.concatenate([weighting.apply_weights(plain.context[1:, :, 32 * e:32 * (e + 1)],
+                                                       weighting.chunks(tok, weighted).weights.reshape(1, -1))
+                               for e, tok in enumerate((ours.tokenizer, ours.tokenizer_2))], axis=-1)
+    np.testing.assert_allclose(got_weighted.context[1:], expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got_weighted.context[1:], plain.context[1:])
+    np.testing.assert_array_equal(got_weighted.text_embeds, plain.text_embeds)  # pooled: chunk 0, unweighted
+    with pytest.raises(UserError, match="built for 2 chunk"):
+        ours.encode_prompt([prompt], None, SIZE, SIZE, long_prompts=True, max_chunks=2)

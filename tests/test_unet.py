@@ -112,3 +112,49 @@ def test_latent_size_must_fit_the_downsampling(saved):
     folder = saved["sdxl_like"][0]
     with pytest.raises(UserError, match="multiples of 4"):
         unet.define(folder, latent_height=10, latent_width=16)
+
+
+# One network for many shapes: latent sizes (square, wide, tall), CFG batches 2 and 4, 77 and 154 tokens.
+DYNAMIC_SHAPES = [(2, 16, 16, 77), (4, 16, 24, 77), (2, 24, 8, 154), (4, 8, 16, 154)]
+
+
+def test_one_dynamic_network_matches_diffusers_at_many_shapes(saved):
+    from trt_sdxl.shapes import ImageProfile, Range
+
+    folder, _, model = saved["sdxl_like"]
+    component = weights.open_component(folder, "unet")
+    cfg = UNetConfig.parse(component.config)
+    profile = ImageProfile(batch=Range(1, 1, 2), height=Range(64, 128, 192), width=Range(64, 128, 192),
+                           chunks=Range(1, 1, 2), resolutions="64-192")
+    net = unet.define(component, profiles=[profile])
+    assert net.inputs["sample"][0] == (-1, cfg.in_channels, -1, -1)
+    assert net.inputs["encoder_hidden_states"][0] == (-1, -1, cfg.cross_attention_dim)
+    assert net.profiles[0]["sample"] == ((2, 4, 8, 8), (2, 4, 16, 16), (4, 4, 24, 24))
+    assert net.opt_inputs["sample"][0] == (2, 4, 16, 16)
+    program = netexec.Program(net.network)
+    for rows, h, w, tokens in DYNAMIC_SHAPES:
+        feeds = inputs_for(cfg, rows, h, w, [999.0, 1.0] * (rows // 2), seed=rows + h)
+        feeds["encoder_hidden_states"] = np.random.default_rng(h).standard_normal(
+            (rows, tokens, cfg.cross_attention_dim)).astype(np.float32)
+        out = program.run({k: v.astype(net.inputs[k][1]) for k, v in feeds.items()})["noise_pred"]
+        err = rel_l2(out, diffusers_forward(model, feeds))
+        print(f"\ndynamic UNet at CFG batch {rows}, latent {h}x{w}, {tokens} tokens: rel L2 {err:.2e}")
+        assert out.shape == (rows, cfg.out_channels, h, w)
+        assert err <= BUDGET, f"batch {rows} {h}x{w} {tokens} tokens: rel L2 {err:.3e}"
+
+
+def test_dynamic_network_gives_the_static_numbers(saved):
+    """A profile changes no arithmetic: at the defined shape the dynamic network's output is the static one's."""
+    from trt_sdxl.shapes import ImageProfile, Range
+
+    folder = saved["sdxl_like"][0]
+    cfg = UNetConfig.parse(weights.open_component(folder, "unet").config)
+    static = unet.define(folder, batch=2, latent_height=16, latent_width=24)
+    dynamic = unet.define(folder, profiles=[ImageProfile(Range(1, 1, 2), Range(64, 128, 192), Range(64, 192, 192),
+                                                         Range.one(1), "64-192")])
+    assert static.inputs["sample"][0] == (2, 4, 16, 24) and not static.dynamic and dynamic.dynamic
+    feeds = inputs_for(cfg, 2, 16, 24, [500.0, 20.0])
+    a = netexec.run(static.network, {k: v.astype(static.inputs[k][1]) for k, v in feeds.items()})["noise_pred"]
+    b = netexec.run(dynamic.network, {k: v.astype(dynamic.inputs[k][1]) for k, v in feeds.items()})["noise_pred"]
+    np.testing.assert_array_equal(a, b)
+    assert [m.macs for m in static.macs] == [m.macs for m in dynamic.macs], "MACs are counted at the opt shape"

@@ -128,3 +128,21 @@ def with_config(folder, **changes):
 def test_config_that_does_not_fit_is_a_clear_error(saved, changes, needle):
     with pytest.raises(UserError, match=needle):
         vae.define(with_config(saved["sdxl"][0], **changes), latent_height=4, latent_width=4)
+
+
+def test_one_dynamic_decoder_matches_diffusers_at_many_shapes(saved):
+    from trt_sdxl.shapes import ImageProfile, Range
+
+    folder, model = saved["sdxl"]
+    net = vae.define(folder, precision="fp32", profiles=[ImageProfile(Range(1, 1, 2), Range(32, 64, 128),
+                                                                      Range(32, 64, 128), Range.one(1), "32-128")])
+    assert net.inputs["latent"][0] == (-1, 4, -1, -1)
+    program = netexec.Program(net.network)
+    for batch, h, w in [(1, 8, 8), (2, 8, 12), (1, 16, 4), (2, 4, 16)]:
+        z = np.random.default_rng(h * w).standard_normal((batch, 4, h, w)).astype(np.float32)
+        out = program.run({"latent": z})["image"]
+        with torch.no_grad():
+            ref = model.decode(torch.from_numpy(z)).sample.numpy()
+        err = rel_l2(out, ref)
+        print(f"\ndynamic VAE decoder at batch {batch}, latent {h}x{w}: rel L2 {err:.2e}")
+        assert out.shape == (batch, 3, 8 * h, 8 * w) and err <= BUDGET["fp32"]

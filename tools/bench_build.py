@@ -9,9 +9,12 @@ transformers' CLIPTextModel / CLIPTextModelWithProjection, built from our packag
 so its peak RSS is its own.
 
 --components picks what to measure (default: all four); the JSON keeps the figures of the
-components not measured this time from the previous run, so it stays complete.
+components not measured this time from the previous run, so it stays complete. `--resolutions SPEC`
+(and `--batch 1-4`, `--prompt-chunks N`) measures engines with dynamic shapes, one optimization
+profile (trt_sdxl.shapes), kept in the JSON as `unet@SPEC,batch` beside the static ones.
 
     python tools/bench_build.py [--model PATH] [--components unet,vae] [--target SM89] [--skip-build]
+    python tools/bench_build.py --components unet --resolutions sdxl-buckets --batch 1-4
 """
 
 from __future__ import annotations
@@ -178,25 +181,30 @@ def shape_only_component(component: str = "unet", variant: str = "sdxl_base_1.0"
 # ---------------------------------------------------------------- one measurement (child process)
 
 
-def measure(model: str, component: str, target: str, build: bool, height: int, width: int) -> dict:
+def measure(model: str, component: str, target: str, build: bool, height: int, width: int,
+            resolutions: str | None = None, batch: str = "1", chunks: str = "1") -> dict:
     """The stages of one component's build, timed, with peak RSS after each."""
-    from trt_sdxl import backend, weights
+    from trt_sdxl import backend, shapes, weights
     from trt_sdxl.build import define_component
     from trt_sdxl.engines import build_engine
 
-    result: dict = {"precision": PRECISION[component], "batch": 1}
+    profiles = shapes.image_profiles([resolutions] if resolutions else None, batch, chunks, 64, 1024,
+                                     None if resolutions else height, None if resolutions else width)
+    result: dict = {"precision": PRECISION[component], "batch": batch,
+                    "profiles": [p.to_json() for p in profiles]}
     t0 = time.perf_counter()
     checkpoint = weights.open_component(model, component)
     result["open_s"] = time.perf_counter() - t0
     result["weight_bytes"] = checkpoint.weight_bytes
     result["rss_after_open"] = peak_rss_bytes()
     t0 = time.perf_counter()
-    net = define_component(component, checkpoint, PRECISION[component], 1, height // 8, width // 8)
+    net = define_component(component, checkpoint, PRECISION[component], 1, height // 8, width // 8,
+                           profiles=profiles)
     result["define_s"] = time.perf_counter() - t0
     result["layers"] = net.network.num_layers
     result["rss_after_define"] = peak_rss_bytes()
     if build:
-        engine, seconds = build_engine(net.definition, target)
+        engine, seconds = build_engine(net.definition, target, profiles=net.profiles if net.dynamic else None)
         result["build_s"] = seconds
         result["engine_bytes"] = engine.nbytes
         result["rss_after_build"] = peak_rss_bytes()
@@ -220,15 +228,13 @@ def previous_results(path: Path) -> dict:
 
 def table(results: dict, target: str) -> list[str]:
     gib = 2**30
-    lines = [f"{'component':<20} {'weights':>10} {'open':>7} {'define':>8} {'RSS':>9} {'layers':>6} "
+    lines = [f"{'component':<36} {'weights':>10} {'open':>7} {'define':>8} {'RSS':>9} {'layers':>6} "
              f"{'AOT build':>10} {'RSS':>9} {'engine':>10}  measured"]
-    for component in COMPONENTS:
-        r = results.get(component)
-        if r is None:
-            continue
+    for key in sorted(results, key=lambda k: (COMPONENTS.index(k.split("@")[0]), k)):
+        r, component = results[key], key
         build = (f"{r['build_s']:>8.1f} s {r['rss_after_build'] / gib:>5.2f} GiB {r['engine_bytes'] / gib:>6.2f} GiB"
                  if "build_s" in r else f"{'-':>10} {'-':>9} {'-':>10}")
-        lines.append(f"{component + ' ' + r['precision']:<20} {r['weight_bytes'] / gib:>6.2f} GiB {r['open_s']:>5.2f} s "
+        lines.append(f"{component + ' ' + r['precision']:<36} {r['weight_bytes'] / gib:>6.2f} GiB {r['open_s']:>5.2f} s "
                      f"{r['define_s']:>6.2f} s {r['rss_after_define'] / gib:>5.2f} GiB {r['layers']:>6} "
                      f"{build}  {r.get('date', '')} {r.get('target', target)}")
     return lines
@@ -244,12 +250,16 @@ def main() -> int:
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--skip-build", action="store_true", help="only open and define")
+    p.add_argument("--resolutions", default=None, help="a dynamic-shape profile (trt_sdxl.shapes), e.g. sdxl-buckets")
+    p.add_argument("--batch", default="1", help="images per prompt, N or LO-HI (with --resolutions)")
+    p.add_argument("--prompt-chunks", default="1", help="prompts up to N x 75 tokens (with --resolutions)")
     p.add_argument("--out", default=str(REPO / "tools" / "bench_build.json"))
     p.add_argument("--child", help=argparse.SUPPRESS)  # the component to measure, in a child process
     args = p.parse_args()
 
     if args.child:
-        result = measure(args.model, args.child, args.target, not args.skip_build, args.height, args.width)
+        result = measure(args.model, args.child, args.target, not args.skip_build, args.height, args.width,
+                         args.resolutions, args.batch, args.prompt_chunks)
         print(json.dumps(result))
         return 0
 
@@ -269,19 +279,24 @@ def main() -> int:
             model = str(RANDOM_MODEL / component)
         print(f"measuring {component} ({PRECISION[component]})", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--child", component, "--model", model, "--target", args.target,
-               "--height", str(args.height), "--width", str(args.width)] + (["--skip-build"] if args.skip_build else [])
+               "--height", str(args.height), "--width", str(args.width), "--batch", args.batch,
+               "--prompt-chunks", args.prompt_chunks] + (["--skip-build"] if args.skip_build else []) \
+            + (["--resolutions", args.resolutions] if args.resolutions else [])
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if proc.returncode:
             return proc.returncode
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         r.update({"date": date.today().isoformat(), "machine": platform.node(), "target": args.target,
                   "model": model})
-        if component in ("unet", "vae"):
+        if component in ("unet", "vae") and not args.resolutions:
             r.update({"height": args.height, "width": args.width})
-        results[component] = r
+        dynamic = args.resolutions or args.batch != "1" or args.prompt_chunks != "1"
+        key = f"{component}@{args.resolutions or f'{args.width}x{args.height}'},batch {args.batch}" + (
+            f",{args.prompt_chunks} chunks" if args.prompt_chunks != "1" else "") if dynamic else component
+        results[key] = r
     backends = sorted({r["backend"] for r in results.values()})
     print(f"SDXL engines, {', '.join(backends)}, {platform.processor() or platform.machine()}; "
-          f"UNet and VAE at {args.width}x{args.height}, batch 1")
+          f"UNet and VAE at {args.width}x{args.height}, batch 1 (rows with @: dynamic-shape profiles)")
     print("\n".join(table(results, args.target)))
     out.write_text(json.dumps({"components": results}, indent=2) + "\n")
     print(f"wrote {out}")

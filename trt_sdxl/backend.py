@@ -38,11 +38,14 @@ _NORMALIZATION_V2_API = ("add_normalization_v2",)
 _USER_ALLOCATION_API = ("REQUIRE_USER_ALLOCATION",)
 # TensorRT-RTX: the cache of the kernels it compiles just in time when an engine is loaded.
 _RUNTIME_CACHE_API = ("create_runtime_cache", "set_runtime_cache", "deserialize")
+# TensorRT-RTX: when the kernels it specializes to each dynamic shape are compiled (LAZY, EAGER, NONE).
+_SHAPE_SPECIALIZATION_API = ("DynamicShapesKernelSpecializationStrategy", "dynamic_shapes_kernel_specialization_strategy",
+                             "EAGER")
 # NVIDIA TensorRT's builder timing cache. TensorRT-RTX still has the names, but there the cache has no
 # effect and forces a GPU query during ahead-of-time builds; deprecated in its 1.2, to be removed.
 _TIMING_CACHE_API = ("create_timing_cache", "set_timing_cache")
 FEATURE_GATED = frozenset(_ATTENTION_API + _ATTENTION_V2_API + _AOT_API + _NORMALIZATION_V2_API
-                          + _USER_ALLOCATION_API + _RUNTIME_CACHE_API + _TIMING_CACHE_API)
+                          + _USER_ALLOCATION_API + _RUNTIME_CACHE_API + _TIMING_CACHE_API + _SHAPE_SPECIALIZATION_API)
 
 
 def _has_all(module: ModuleType, names: tuple[str, ...], owners: tuple[str, ...]) -> bool:
@@ -97,6 +100,12 @@ class Backend:
     def has_runtime_cache(self) -> bool:
         """`IRuntimeConfig.create_runtime_cache` (TensorRT-RTX): just-in-time compiled kernels kept across loads."""
         return _has_all(self.module, _RUNTIME_CACHE_API, ("IRuntimeConfig", "IRuntimeCache"))
+
+    @property
+    def has_shape_specialization(self) -> bool:
+        """`IRuntimeConfig.dynamic_shapes_kernel_specialization_strategy` (TensorRT-RTX)."""
+        return _has_all(self.module, _SHAPE_SPECIALIZATION_API,
+                        ("IRuntimeConfig", "DynamicShapesKernelSpecializationStrategy"))
 
     @property
     def has_timing_cache(self) -> bool:

@@ -11,6 +11,13 @@ as it was.
 Batch: `--batch N` is the number of images per prompt. The text encoders encode the N prompts
 (and, in a second call, the N negative prompts) and the VAE decodes N latents; the UNet runs
 classifier-free guidance as one call on the uncond and cond halves, so its engine takes 2N.
+
+Shapes (trt_sdxl.shapes): by default every engine is static, for one image size (the model's, or
+--height/--width) and one batch. `--resolutions` (repeatable: one optimization profile each),
+`--batch 1-4` and `--prompt-chunks N` (prompts up to N x 75 tokens, for `generate --long-prompts`)
+make engines with dynamic shapes that serve every request inside their profiles. An 8-bit UNet is
+calibrated at the first profile's opt shape: its scales are per-tensor abs-max statistics of the
+activations, and one set of them serves every shape of every profile.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from pathlib import Path
 from . import backend
 from .version import __version__
 from .components import COMPONENTS, DEFAULT_MODEL, ENCODERS, TOKENIZER_FOLDERS
-from . import configs, fusion_lint, support
+from . import configs, fusion_lint, shapes, support
 from .calibration.workflow import BuildEngines
 from .engines import (EIGHT_BIT_OPTIMIZATION_LEVEL, build_engine, check_target_takes, choose_target, engine_filename,
                       fused_attention_check, present_gpu, tensor_specs)
@@ -38,7 +45,7 @@ from .executors import NETEXEC_MAX_UNET_BYTES
 from .files import load_json, write_json, write_temporary
 from .log import logger
 from .quant.recipe import RECIPES
-from .unet_config import UNetConfig, check_image_size
+from .unet_config import UNetConfig
 
 DEFAULT_OUT = Path("engines")
 # the UNet's --precision (8-bit: quant recipes; the matrix maps them), then the recipes kept for comparison
@@ -122,10 +129,18 @@ def check_tokenizer(model, component: str, checkpoint) -> str | None:
     return str(tokenizer.folder)
 
 
-def image_size(model, jobs: dict, height: int | None, width: int | None) -> tuple[int, int]:
-    """(height, width) in pixels, checked: the UNet's sides must be multiples of 8 x its downsampling
-    (32 for SDXL); default, the UNet config's sample_size in pixels (1024 for SDXL). For a build
-    without the UNet, multiples of 8 and the VAE config's sample_size (SDXL's is the image side)."""
+def image_profiles(model, jobs: dict, resolutions, batch, prompt_chunks, height: int | None,
+                   width: int | None) -> list[shapes.ImageProfile]:
+    """The build's profiles (trt_sdxl.shapes.image_profiles), sides checked against the model: the
+    UNet's must be multiples of 8 x its downsampling (32 for SDXL); default, the UNet config's
+    sample_size in pixels (1024 for SDXL). For a build without the UNet, multiples of 8 and the VAE
+    config's sample_size (SDXL's is the image side)."""
+    multiple, side = image_rule(model, jobs)
+    return shapes.image_profiles(resolutions, batch, prompt_chunks, multiple, side, height, width)
+
+
+def image_rule(model, jobs: dict) -> tuple[int, int]:
+    """(multiple every image side must be, default side) in pixels."""
     from . import weights
 
     try:
@@ -134,9 +149,11 @@ def image_size(model, jobs: dict, height: int | None, width: int | None) -> tupl
         multiple, side = cfg.image_multiple, cfg.default_image_side
     except UserError:
         if "vae" not in jobs:
-            raise
+            if {"unet", "vae"} & jobs.keys():
+                raise
+            return 8, 1024  # text encoders only: no image side matters
         multiple, side = 8, int(jobs["vae"].checkpoint.config.get("sample_size", 1024))
-    return check_image_size(height, width, multiple, side)
+    return multiple, side
 
 
 def check_vae_upscale(checkpoint) -> None:
@@ -177,9 +194,10 @@ def report_entry(definition, seconds: float) -> dict:
 
 
 def define_component(component: str, checkpoint, precision: str, batch: int, latent_h: int, latent_w: int,
-                     calibration=None, attention_check=None):
-    """The network of `component`; `batch` is the engine's own batch dimension. Warnings the model
-    code raises (e.g. fp16 for a VAE known to overflow) are logged as one line each."""
+                     calibration=None, attention_check=None, profiles=None):
+    """The network of `component`; `batch` is the engine's own batch dimension, or `profiles` (image
+    profiles, trt_sdxl.shapes) give its shapes. Warnings the model code raises (e.g. fp16 for a VAE
+    known to overflow) are logged as one line each."""
     from .models import clip, unet, vae
 
     with warnings.catch_warnings(record=True) as caught:
@@ -187,12 +205,13 @@ def define_component(component: str, checkpoint, precision: str, batch: int, lat
         if component == "unet":
             net = unet.define(checkpoint, precision=precision, batch=batch, latent_height=latent_h,
                               latent_width=latent_w, progress=lambda message: log(f"{component}: {message}"),
-                              calibration=calibration, attention_check=attention_check)
+                              calibration=calibration, attention_check=attention_check, profiles=profiles)
         elif component in ENCODERS:
-            net = clip.define(checkpoint, encoder=ENCODERS[component], batch=batch, precision=precision)
+            net = clip.define(checkpoint, encoder=ENCODERS[component], batch=batch, precision=precision,
+                              profiles=profiles)
         else:
             net = vae.define(checkpoint, precision=precision, batch=batch, latent_height=latent_h,
-                             latent_width=latent_w)
+                             latent_width=latent_w, profiles=profiles)
     for w in caught:
         log(f"{component}: warning: {w.message}")
     return net
@@ -234,7 +253,17 @@ def plan_engines(model, components: tuple[str, ...], precision: str, vae_precisi
     return jobs
 
 
-def manifest_entry(job: EngineJob, file: str, target: str, batch: int, height: int, width: int) -> dict:
+def input_profiles_json(network) -> list[dict]:
+    """A defined network's optimization profiles as the manifest records them ([] when static)."""
+    if not network.dynamic:
+        return []
+    return [{name: {"min": list(lo), "opt": list(opt), "max": list(hi)} for name, (lo, opt, hi) in p.items()}
+            for p in network.profiles]
+
+
+def manifest_entry(job: EngineJob, file: str, target: str, profiles: list[shapes.ImageProfile]) -> dict:
+    opt = profiles[0]
+    batch, height, width = opt.batch.opt, opt.height.opt, opt.width.opt
     be = backend.get()
     entry = {
         "file": file,
@@ -251,7 +280,9 @@ def manifest_entry(job: EngineJob, file: str, target: str, batch: int, height: i
     else:
         entry.update({"image_height": height, "image_width": width})
     entry.update({
-        "inputs": tensor_specs(job.network.network, "inputs"),
+        "profiles": [p.to_json() for p in profiles],  # what requests the engine serves, in image terms
+        "inputs": tensor_specs(job.network.network, "inputs"),  # -1: a dynamic axis
+        "input_profiles": input_profiles_json(job.network),  # TensorRT's optimization profiles, one per entry above
         "outputs": tensor_specs(job.network.network, "outputs"),
         "checkpoint": str(job.checkpoint.source),
         "checkpoint_fingerprint": job.checkpoint.fingerprint(),
@@ -321,27 +352,27 @@ def commit_model_copy(staging: Path, out: Path) -> None:
     staging.rmdir()
 
 
-def warn_mixed_builds(manifest: dict, built, batch: int, target: str, height: int, width: int) -> None:
-    """Log engines kept from an earlier build whose batch, target or image size differs from this build's."""
+def warn_mixed_builds(manifest: dict, built, profiles: list[shapes.ImageProfile], target: str) -> None:
+    """Log engines kept from an earlier build whose shapes (profiles) or target differ from this build's."""
+    wanted = [p.to_json() for p in profiles]
     for component, entry in manifest["engines"].items():
         if component in built:
             continue
-        size = (entry.get("image_height"), entry.get("image_width"))
-        sized = "image_height" in entry and height
-        if (entry.get("batch"), entry.get("target")) != (batch, target) or (sized and size != (height, width)):
-            log(f"manifest: keeps {component} from an earlier build (batch {entry.get('batch')}, "
-                f"{entry.get('target')}" + (f", {size[1]}x{size[0]}" if sized else "") + f"), unlike this one "
-                f"(batch {batch}, {target}" + (f", {width}x{height}" if sized else "") + f"); rebuild it with "
-                f"--components {component} for one consistent set")
+        if (entry.get("profiles"), entry.get("target")) != (wanted, target):
+            theirs = "; ".join(shapes.ImageProfile.from_json(p).describe() for p in entry.get("profiles") or []) \
+                or f"batch {entry.get('batch')}"
+            log(f"manifest: keeps {component} from an earlier build ({theirs}; {entry.get('target')}), unlike this "
+                f"one ({'; '.join(p.describe() for p in profiles)}; {target}); rebuild it with --components "
+                f"{component} for one consistent set")
 
 
-def check_arguments(components, precision: str, vae_precision: str, batch: int, calibration_steps: int,
-                    optimization_level: int | None) -> tuple[str, ...]:
+def check_arguments(components, precision: str, vae_precision: str, batch, calibration_steps: int,
+                    optimization_level: int | None, prompt_chunks=1) -> tuple[str, ...]:
     """The flags a build and a dry run check before anything else; returns the components."""
     components = parse_components(components)
     check_precisions(precision, vae_precision)
-    if batch < 1:
-        raise UserError(f"--batch {batch}: expected a positive integer")
+    shapes.parse_range(batch, "--batch")
+    shapes.parse_chunks(prompt_chunks)
     if calibration_steps < 1:
         raise UserError(f"--calibration-steps {calibration_steps}: expected a positive integer")
     if optimization_level is not None and not 0 <= optimization_level <= 5:
@@ -349,20 +380,25 @@ def check_arguments(components, precision: str, vae_precision: str, batch: int, 
     return components
 
 
-def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int | None = None,
+def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, height: int | None = None,
           width: int | None = None, target: str | None = None, components=COMPONENTS,
           vae_precision: str = "fp32", calibration: str | None = None, calibration_prompts: str | None = None,
-          calibration_steps: int = 20, engines: bool = True, optimization_level: int | None = None) -> dict:
+          calibration_steps: int = 20, engines: bool = True, optimization_level: int | None = None,
+          resolutions: list[str] | None = None, prompt_chunks: int | str = 1) -> dict:
     """Build the engines of `components`; returns the manifest written to `out/manifest.json`.
 
     `precision` goes through the recipe matrix (trt_sdxl.support: `auto`, refusals, what this backend
     builds for the target). `engines=False` (`--no-engines`) defines, calibrates and writes the
     folder — manifest, calibration table, report, model copy — without engine files, for any
     precision: `generate --cpu` runs it. `optimization_level`: the builder's; default 4 for an 8-bit
-    UNet (as NVIDIA builds them), TensorRT's own (3) otherwise."""
+    UNet (as NVIDIA builds them), TensorRT's own (3) otherwise. `batch` ("4" or a range "1-4"),
+    `resolutions` (one profile each) and `prompt_chunks` give the engines' shapes (module docstring)."""
     out = Path(out)
     check_output_folder(out)
-    components = check_arguments(components, precision, vae_precision, batch, calibration_steps, optimization_level)
+    components = check_arguments(components, precision, vae_precision, batch, calibration_steps, optimization_level,
+                                 prompt_chunks)
+    if resolutions and not {"unet", "vae"} & set(components):
+        raise UserError("--resolutions: only the UNet and VAE engines have an image size")
     be = backend.get()
     target = choose_target(target)
     if "unet" in components:
@@ -373,13 +409,18 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
                        RECIPES[precision]["format"] if "unet" in components and precision in RECIPES else "fp16")
     log(f"model {model}; {be.name} {be.version}; target {target}; components {', '.join(components)}; "
         f"precision: unet {precision}, vae {vae_precision}, text encoders {TEXT_PRECISION}; "
-        f"batch {batch} (unet {2 * batch}: uncond + cond)")
+        f"batch {batch} (unet {2 * shapes.parse_range(batch, '--batch').opt}: uncond + cond)")
 
     # Everything a user can get wrong is found before the builder runs.
-    jobs = plan_engines(model, components, precision, vae_precision, batch)
-    height, width = image_size(model, jobs, height, width) if {"unet", "vae"} & jobs.keys() else (0, 0)
-    if height:
-        log(f"image {width}x{height} (latent {width // 8}x{height // 8})")
+    jobs = plan_engines(model, components, precision, vae_precision, shapes.parse_range(batch, "--batch").opt)
+    profiles = image_profiles(model, jobs, resolutions, batch, prompt_chunks, height, width)
+    opt = profiles[0]
+    batch, height, width = opt.batch.opt, opt.height.opt, opt.width.opt
+    dynamic = not all(p.static for p in profiles) or len(profiles) > 1
+    if {"unet", "vae"} & jobs.keys():
+        log(f"image {width}x{height} (latent {width // 8}x{height // 8})" if not dynamic else
+            f"shapes: {len(profiles)} profile{'s' if len(profiles) > 1 else ''}: "
+            + "; ".join(p.describe() for p in profiles) + f"; opt {width}x{height}, batch {batch}")
     eight_bit = "unet" in jobs and precision != "fp16"
     if eight_bit:
         from .calibration.workflow import check_can_calibrate
@@ -391,7 +432,8 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
         log(f"{job.component}: defining the network (batch {job.batch}, {precision})")
         check = fused_attention_check(target) if table is not None and engines else None
         job.network = define_component(job.component, job.checkpoint, precision, job.batch,
-                                       height // 8, width // 8, calibration=table, attention_check=check)
+                                       height // 8, width // 8, calibration=table, attention_check=check,
+                                       profiles=profiles)
         log(f"{job.component}: {job.network.network.num_layers} layers defined ({time.perf_counter() - start:.1f} s)")
 
     # Every other network, and the FP16 UNet as a check of the checkpoint, is defined before an
@@ -400,10 +442,13 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
         define(job, "fp16" if job.component == "unet" and eight_bit else job.precision)
     table, lint = None, []
     # what the engines are built as, with the run's timing cache and the engines a GPU calibration built for it
-    for_folder = BuildEngines(target, batch, optimization_level, vae_precision) if engines else None
+    for_folder = BuildEngines(target, batch, optimization_level, vae_precision, dynamic=dynamic) if engines else None
     if eight_bit:
         from .calibration.workflow import calibrate_and_tune
 
+        if dynamic:
+            log(f"unet: calibrating at the opt shape ({width}x{height}, batch {batch}): the 8-bit scales are "
+                "per-tensor abs-max statistics, one set for every shape of the profiles")
         table = calibrate_and_tune(model, jobs["unet"].checkpoint, precision, height=height, width=width,
                                    calibration=calibration, prompts_file=calibration_prompts,
                                    steps=calibration_steps, stats_cache=out / STATS_CACHE, engines=for_folder,
@@ -442,13 +487,13 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
                     log(f"{step}: building for {target}"
                         + (f" (optimization level {level})" if level is not None else ""))
                     engine, seconds = build_engine(job.network.definition, target, log, optimization_level=level,
-                                                   timing_cache=for_folder.timing_cache)
+                                                   timing_cache=for_folder.timing_cache,
+                                                   profiles=job.network.profiles if job.network.dynamic else None)
                 name = engine_filename(job.component, job.precision, target)
                 staged[name] = write_temporary(out / name, engine)
                 log(f"{step}: built {name} ({engine.nbytes / 2**20:.1f} MiB, {seconds:.1f} s)")
                 engine = None
-            manifest["engines"][job.component] = manifest_entry(job, name, target if engines else None, batch,
-                                                                height, width)
+            manifest["engines"][job.component] = manifest_entry(job, name, target if engines else None, profiles)
             report[job.component] = {"precision": job.precision, "optimization_level": level,
                                      **report_entry(job.network.definition, seconds)}
             if job.component == "unet" and job.precision in RECIPES:
@@ -477,7 +522,7 @@ def build(model, out: Path, precision: str = "fp16", batch: int = 1, height: int
     folder = Path(model).expanduser()
     manifest.update({"model": MODEL_FOLDER, "model_name": folder.name if folder.is_dir() else folder.stem,
                      "model_weights": weights_in and (manifest.get("model_weights", True) or set(jobs) == set(COMPONENTS))})
-    warn_mixed_builds(manifest, jobs, batch, target, height, width)
+    warn_mixed_builds(manifest, jobs, profiles, target)
     write_json(out / "build_report.json", report)
     write_json(out / "manifest.json", manifest)
     log(f"manifest: {out / 'manifest.json'}; model copy: {out / MODEL_FOLDER}"
@@ -549,7 +594,8 @@ def netexec_call_ms(component, rows: int, latent_h: int, latent_w: int) -> float
 def dry_run(model, precision: str = "fp16", batch: int = 1, height: int | None = None, width: int | None = None,
             target: str | None = None, components=COMPONENTS, vae_precision: str = "fp32",
             calibration: str | None = None, calibration_prompts: str | None = None, calibration_steps: int = 20,
-            engines: bool = True, optimization_level: int | None = None, out=print) -> dict:
+            engines: bool = True, optimization_level: int | None = None, out=print,
+            resolutions: list[str] | None = None, prompt_chunks: int | str = 1) -> dict:
     """What `build` with these arguments would build and run, and about how long it would take, printed
     through `out` and returned; no engine is built and no calibration runs (the UNet is defined, to count
     its MACs, and on the CPU one netexec call is timed). Where this backend refuses the precision (TensorRT
@@ -561,7 +607,8 @@ def dry_run(model, precision: str = "fp16", batch: int = 1, height: int | None =
     from .quant.table import CalibrationTable
     from .runtime import cuda
 
-    components = check_arguments(components, precision, vae_precision, batch, calibration_steps, optimization_level)
+    components = check_arguments(components, precision, vae_precision, batch, calibration_steps, optimization_level,
+                                 prompt_chunks)
     be = backend.get()
     target = choose_target(target)
     gpu = present_gpu() if cuda.probe()[0] > 0 else None
@@ -584,11 +631,13 @@ def dry_run(model, precision: str = "fp16", batch: int = 1, height: int | None =
         if "unet" in components:
             raise
         config = weight_bytes = component = None  # a build without the UNet: sized as SDXL's
+    multiple, side = (cfg.image_multiple, cfg.default_image_side) if config is not None else (8, 1024)
+    profiles = shapes.image_profiles(resolutions, batch, prompt_chunks, multiple, side, height, width)
+    batch, height, width = profiles[0].batch.opt, profiles[0].height.opt, profiles[0].width.opt
+    dynamic = len(profiles) > 1 or not profiles[0].static
     if config is not None:
-        height, width = check_image_size(height, width, cfg.image_multiple, cfg.default_image_side)
         ratio, macs_how = unet_macs_ratio(model, config, component, height, width)
     else:
-        height, width = check_image_size(height, width, 8, 1024)
         ratio, macs_how = 1.0, "no UNet here: build times as full-size SDXL's"
     eight_bit = "unet" in components and recipe != "fp16"
     expensive = gpu is not None or weight_bytes is None or weight_bytes > NETEXEC_MAX_UNET_BYTES
@@ -596,7 +645,7 @@ def dry_run(model, precision: str = "fp16", batch: int = 1, height: int | None =
         size = "its full-size UNet" if weight_bytes is None else f"this {weight_bytes / 2**30:.1f} GiB UNet"
         notes.append(f"no GPU here, and {size} calibrates on a GPU only: planned for a machine with a GPU of the "
                      f"target ({arch})")
-    keep = engines and expensive and (gpu is None or target in ("native", gpu[0]))
+    keep = engines and expensive and not dynamic and (gpu is None or target in ("native", gpu[0]))
     plan = None
     if eight_bit:
         if calibration:
@@ -704,9 +753,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="denoising steps per calibration prompt (default 20)")
     p.add_argument("--vae-precision", default="fp32",
                    help="fp32 (default: SDXL's VAE overflows in fp16), bf16, or fp16 for fp16-fix weights")
-    p.add_argument("--batch", type=int, default=1, metavar="N",
-                   help="images per prompt (default 1): the text encoders and the VAE take N, the UNet 2N "
-                        "(classifier-free guidance runs uncond and cond in one call)")
+    p.add_argument("--batch", default="1", metavar="N",
+                   help="images per prompt, N or a range LO-HI (default 1): the text encoders and the VAE take N, "
+                        "the UNet 2N (classifier-free guidance runs uncond and cond in one call)")
+    p.add_argument("--resolutions", action="append", default=None, metavar="SPEC",
+                   help="image sizes the engines serve: a range of sides (768-1344), sizes WIDTHxHEIGHT "
+                        f"(1024x1024,832x1216) or {shapes.BUCKETS_NAME}; repeat for one optimization profile each "
+                        "(default: one size, --height x --width); the first size is the opt shape")
+    p.add_argument("--prompt-chunks", default="1", metavar="N",
+                   help="prompts up to N x 75 tokens (generate --long-prompts; default 1: 75 tokens)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     p.add_argument("--target", default=None,
@@ -723,13 +778,15 @@ def main(argv=None) -> int:
             target=args.target, components=args.components, vae_precision=args.vae_precision,
             calibration=args.calibration, calibration_prompts=args.calibration_prompts,
             calibration_steps=args.calibration_steps, engines=not args.no_engines,
-            optimization_level=args.optimization_level), "nothing was written")
+            optimization_level=args.optimization_level, resolutions=args.resolutions,
+            prompt_chunks=args.prompt_chunks), "nothing was written")
     return run_cli("trt_sdxl.build", lambda: build(
         args.model, Path(args.out), precision=args.precision, batch=args.batch, height=args.height,
         width=args.width, target=args.target, components=args.components, vae_precision=args.vae_precision,
         calibration=args.calibration, calibration_prompts=args.calibration_prompts,
         calibration_steps=args.calibration_steps, engines=not args.no_engines,
-        optimization_level=args.optimization_level), "nothing was left half-written")
+        optimization_level=args.optimization_level, resolutions=args.resolutions,
+        prompt_chunks=args.prompt_chunks), "nothing was left half-written")
 
 
 if __name__ == "__main__":

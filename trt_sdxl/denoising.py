@@ -112,9 +112,12 @@ def seeded_step_noise(seed: int, shape: tuple[int, ...]) -> Callable[[int], np.n
 
 def run_batched(executor, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """`executor.run` on feeds with more (or fewer) rows than the batch the executor takes: in
-    slices of its batch, the last one padded with copies of its final row; outputs cut and joined."""
+    slices of its batch, the last one padded with copies of its final row; outputs cut and joined.
+    A dynamic batch (-1) takes every row in one run, up to the executor's `max_batch` if it has one."""
     rows = len(next(iter(feeds.values())))
     size = executor.inputs[next(iter(feeds))][0][0]
+    if size < 0:
+        size = min(rows, getattr(executor, "max_batch", None) or rows)
     if rows == size:
         return executor.run(feeds)
     parts = []

@@ -175,19 +175,21 @@ class TimingCache:
 
 
 def build_engine(definition, target: str, log: Log = silent, optimization_level: int | None = None,
-                 detailed: bool = False, timing_cache: TimingCache | None = None):
+                 detailed: bool = False, timing_cache: TimingCache | None = None, profiles: list | None = None):
     """Serialize the network for `target`; returns the engine (TensorRT host memory, which supports
     the buffer protocol: written to disk or deserialized without a copy) and the seconds it took.
     `optimization_level`: the builder's (0-5; None: TensorRT's default, 3). `detailed`: profiling
     verbosity DETAILED, so the engine inspector reports each layer's formats and tactic (it adds
     layer details to the engine's NVTX ranges, not work to its kernels). `timing_cache`: the run's
-    TimingCache (NVIDIA TensorRT), shared by its builds.
+    TimingCache (NVIDIA TensorRT), shared by its builds. `profiles`: the optimization profiles of a
+    network with dynamic shapes, [{input: (min, opt, max)}] (`DefinedNetwork.profiles`), in order: the
+    engine's profile k is the k-th.
 
     Where the backend has it (TensorRT-RTX), REQUIRE_USER_ALLOCATION is set on every engine: its
     enqueue then never allocates memory at run time, which CUDA stream capture cannot record. It costs
-    our engines nothing: their shapes are fixed, the runtime gives every input and output an address
-    of its own and lets the execution context allocate its scratch memory once, when it is created,
-    and a build of a network needing run-time allocation (data-dependent shapes) fails instead of
+    our engines nothing: the runtime gives every input and output an address of its own, sized for the
+    largest shape of the profile, and lets the execution context allocate its scratch memory once (for
+    the profile's largest shapes), when it is created, and a build of a network needing run-time allocation (data-dependent shapes) fails instead of
     making an engine that cannot be captured."""
     be = backend.get()
     config = definition.builder.create_builder_config()
@@ -200,6 +202,11 @@ def build_engine(definition, target: str, log: Log = silent, optimization_level:
         config.profiling_verbosity = be.module.ProfilingVerbosity.DETAILED
     if timing_cache is not None:
         timing_cache.attach(config)
+    for profile in profiles or ():
+        shapes = definition.builder.create_optimization_profile()
+        for name, (lo, opt, hi) in profile.items():
+            shapes.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+        config.add_optimization_profile(shapes)
     monitor = BuildMonitor(log)
     monitor.attach(config)
     start = time.perf_counter()

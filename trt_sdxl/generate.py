@@ -39,8 +39,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None,
                    help="noise seed (default: random, printed and saved); image i of a batch uses seed + i")
     p.add_argument("--scheduler", default="euler", help=f"one of {', '.join(schedulers.NAMES)} (default euler)")
-    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the engines' size)")
-    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the engines' size)")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height in pixels (default: the engines' opt size; any size their profiles serve)")
+    p.add_argument("--width", type=int, default=None,
+                   help="image width in pixels (default: the engines' opt size; any size their profiles serve)")
+    p.add_argument("--long-prompts", action="store_true",
+                   help="encode prompts beyond 75 tokens in 75-token chunks, as A1111 and compel do (default: "
+                        "truncate at 75, as diffusers does); engines take as many chunks as build --prompt-chunks")
+    p.add_argument("--weighting", action="store_true",
+                   help="A1111 prompt weighting: (word:1.2), (word) x1.1, [word] /1.1, \\( for a literal "
+                        "bracket, BREAK for a new chunk (default: the prompt is plain text, as diffusers reads it)")
     p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--engines", default=str(DEFAULT_ENGINES), help="engines folder (default ./engines)")
     p.add_argument("--model", default=None,
@@ -109,7 +117,9 @@ def load(args: argparse.Namespace) -> Generator:
             raise UserError(NO_GPU.format(reason=reason) + "; or run `python -m pytest tests/test_pipeline.py` "
                             "(the end-to-end check against diffusers)")
     folder = EnginesFolder(args.engines)
-    folder.check_resolution(folder.entry("unet", need_file=not args.cpu), args.height, args.width)
+    entries = {c: folder.entry(c, need_file=not args.cpu) for c in ("text_encoder", "text_encoder_2", "unet", "vae")}
+    height, width = folder.image_size(entries)
+    folder.check_request(entries, args.batch, args.height or height, args.width or width)  # before any loading
     return Generator.load(folder, device="cpu" if args.cpu else "gpu", log=log)
 
 
@@ -123,7 +133,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
         progress = Progress()
         images = generator.generate(args.prompt, args.negative, steps=args.steps, cfg=args.cfg, seed=seed,
                                     scheduler=args.scheduler, batch=args.batch, height=args.height, width=args.width,
-                                    on_step=progress.step)
+                                    on_step=progress.step, long_prompts=args.long_prompts, weighting=args.weighting)
     finally:
         generator.close()
     paths = [image.save(path) for image, path in zip(images, output_paths(Path(args.out), args.batch))]

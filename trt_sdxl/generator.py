@@ -38,7 +38,9 @@ from .executors import NETEXEC_MAX_UNET_BYTES
 from .files import write_atomic
 from .log import Log, silent
 from .pipeline import ModelSettings, Pipeline, to_uint8_rgb
+from .quant.recipe import RECIPES
 from .runtime import manifest as manifest_module
+from .shapes import ImageProfile, Range, choose
 from .unet_config import UNetConfig, check_image_size
 
 SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m_karras": "DPM++ 2M Karras", "ddim": "DDIM"}
@@ -87,6 +89,9 @@ class _Loaded:
     close: Callable[[], None]
     latent_channels: int = 4
     to_rgb: Callable | None = None  # final latents -> uint8 RGB [B, H, W, 3]; None: the pipeline's VAE, then numpy
+    # check(batch, height, width, chunks): UserError naming the allowed ranges unless the networks serve it
+    check: Callable | None = None
+    max_chunks: int | None = None  # prompts up to this many 75-token chunks (None: any)
 
 
 class Generator:
@@ -139,27 +144,34 @@ class Generator:
 
     # ------------------------------------------------------------ generating
 
+    def check(self, batch: int = 1, height: int | None = None, width: int | None = None, chunks: int = 1) -> None:
+        """UserError (naming the ranges the networks take) unless they serve this request shape."""
+        loaded = self._loaded
+        if loaded.check is not None:
+            loaded.check(batch, height or loaded.height, width or loaded.width, chunks)
+
     def generate(self, prompt: str, negative_prompt: str | None = None, *, steps: int = 30, cfg: float = 5.0,
                  seed: int | None = None, scheduler: str = "euler", batch: int = 1, height: int | None = None,
                  width: int | None = None, on_step: Callable[[int, int, float], None] | None = None,
-                 cancel=None) -> list[Image]:
-        """`batch` images of `prompt`; image i uses seed + i (a random seed when None) and records it."""
+                 cancel=None, long_prompts: bool = False, weighting: bool = False) -> list[Image]:
+        """`batch` images of `prompt`; image i uses seed + i (a random seed when None) and records it.
+        `height`/`width`: any size the networks' profiles serve (default: their opt size).
+        `long_prompts`: prompts beyond 75 tokens in 75-token chunks (else truncated, as diffusers does);
+        `weighting`: A1111's `(word:1.2)`, `(word)`, `[word]` syntax (trt_sdxl.weighting)."""
         check_request(steps, cfg, scheduler, batch, seed)
         loaded = self._loaded
-        if (height or loaded.height, width or loaded.width) != (loaded.height, loaded.width):
-            raise UserError(f"--height {height or loaded.height} --width {width or loaded.width}: these networks "
-                            f"make {loaded.width}x{loaded.height} images (their shapes are fixed); use that size "
-                            "or build engines for the other one")
         if not isinstance(prompt, str):
             raise UserError(f"prompt: expected a string, got {type(prompt).__name__}")
+        height, width = height or loaded.height, width or loaded.width
+        self.check(batch, height, width)
         seed = secrets.randbits(32) if seed is None else int(seed)
         stop = _stop_check(cancel)
         sched = schedulers.create(scheduler, steps, loaded.settings.scheduler_config)
-        self.log(f"{loaded.where}: {loaded.width}x{loaded.height}, batch {batch}, {steps} steps of {scheduler}, "
+        self.log(f"{loaded.where}: {width}x{height}, batch {batch}, {steps} steps of {scheduler}, "
                  f"CFG {cfg:g}, seed {seed}")
         started = time.perf_counter()
         negatives = None if negative_prompt is None else [negative_prompt] * batch
-        latent_shape = (batch, loaded.latent_channels, loaded.height // 8, loaded.width // 8)
+        latent_shape = (batch, loaded.latent_channels, height // 8, width // 8)
         times: list[float] = []
 
         def step_done(index: int, ms: float) -> None:
@@ -173,8 +185,10 @@ class Generator:
             if stop():
                 raise Cancelled("cancelled before the first step")
             t = time.perf_counter()
-            cond = loaded.pipeline.encode_prompt([prompt] * batch, negatives, loaded.height, loaded.width,
-                                                 log=self.log)
+            cond = loaded.pipeline.encode_prompt([prompt] * batch, negatives, height, width, log=self.log,
+                                                 long_prompts=long_prompts, weighting=weighting,
+                                                 max_chunks=loaded.max_chunks)
+            self.check(batch, height, width, cond.context.shape[1] // 77)
             text_s = time.perf_counter() - t
             t = time.perf_counter()
             latents = loaded.denoise(cond, sched, cfg, seed, latent_shape, step_done)
@@ -189,7 +203,7 @@ class Generator:
         for i in range(batch):
             fields = {"prompt": prompt, "negative_prompt": negative_prompt or "", "steps": steps,
                       "sampler": SAMPLERS[scheduler], "cfg_scale": cfg, "seed": seed + i,
-                      "width": loaded.width, "height": loaded.height, "model_hash": loaded.model_hash,
+                      "width": width, "height": height, "model_hash": loaded.model_hash,
                       "model": loaded.model_name, "batch_size": batch, "batch_pos": i}
             images.append(Image(rgb[i], seed + i, infotext(fields), fields))
         return images
@@ -264,23 +278,25 @@ def _cpu_denoise(pipeline: Pipeline):
 
 def _cpu_networks(model: Path, specs: dict, log: Log):
     """NetexecExecutors of the four networks `specs` describes: component -> (precision, engine batch,
-    latent h, latent w, calibration table or None)."""
+    latent h, latent w, calibration table or None, image profiles or None)."""
     from .executors import NetexecExecutor
     from .models import clip, unet, vae
 
     started = time.perf_counter()
     run = {}
     for component in COMPONENTS:
-        precision, batch, latent_h, latent_w, table = specs[component]
+        precision, batch, latent_h, latent_w, table, profiles = specs[component]
         if component in ENCODERS:
-            run[component] = NetexecExecutor(clip.define(model, ENCODERS[component], batch=batch, precision=precision))
+            run[component] = NetexecExecutor(clip.define(model, ENCODERS[component], batch=batch, precision=precision,
+                                                         profiles=profiles))
         elif component == "unet":
             run[component] = NetexecExecutor(unet.define(model, precision=precision, batch=batch,
                                                          latent_height=latent_h, latent_width=latent_w,
-                                                         calibration=table))
+                                                         calibration=table, profiles=profiles))
         else:
             run[component] = NetexecExecutor(vae.define(model, precision=precision, batch=batch,
-                                                        latent_height=latent_h, latent_width=latent_w))
+                                                        latent_height=latent_h, latent_width=latent_w,
+                                                        profiles=profiles))
     log(f"networks defined from {model} ({time.perf_counter() - started:.1f} s)")
     return run
 
@@ -302,14 +318,18 @@ def _load_model_cpu(model: Path, height, width, batch: int, log: Log) -> _Loaded
     height, width = check_image_size(height, width, cfg.image_multiple, cfg.default_image_side)
     tokenizers = open_tokenizers(model)
     settings = ModelSettings.read(model)
-    lh, lw = height // 8, width // 8
-    specs = {"text_encoder": ("fp16", batch, 0, 0, None), "text_encoder_2": ("fp16", batch, 0, 0, None),
-             "unet": ("fp16", 2 * batch, lh, lw, None), "vae": ("fp32", batch, lh, lw, None)}
+    # netexec evaluates any shape: one profile as wide as a CPU preview needs, opt at the size asked for
+    m = cfg.image_multiple
+    profile = ImageProfile(Range(1, batch, max(batch, CPU_MAX_BATCH)), Range(m, height, max(height, CPU_MAX_SIDE)),
+                           Range(m, width, max(width, CPU_MAX_SIDE)), Range(1, 1, CPU_MAX_CHUNKS), "any")
+    specs = {c: (p, 0, 0, 0, None, [profile]) for c, p in (("text_encoder", "fp16"), ("text_encoder_2", "fp16"),
+                                                            ("unet", "fp16"), ("vae", "fp32"))}
     run = _cpu_networks(model, specs, log)
     pipeline = _pipeline(run, run["unet"], tokenizers, settings)
     name = model.name if model.is_dir() else model.stem
     return _Loaded(pipeline, _cpu_denoise(pipeline), settings, name, unet_weights.fingerprint()[:10], height, width,
-                   "CPU (netexec, numpy)", lambda: [e.free() for e in run.values()], cfg.in_channels)
+                   "CPU (netexec, numpy)", lambda: [e.free() for e in run.values()], cfg.in_channels,
+                   check=_profile_check([profile], m, "the CPU networks"), max_chunks=CPU_MAX_CHUNKS)
 
 
 def _load_cpu(folder, log: Log) -> _Loaded:
@@ -319,22 +339,25 @@ def _load_cpu(folder, log: Log) -> _Loaded:
     entries = {c: folder.entry(c, need_file=False) for c in COMPONENTS}
     height, width = folder.image_size(entries)
     model = folder.model_folder(require_weights=True)
-    _check_cpu_size(model, str(folder.folder))
+    unet_weights = _check_cpu_size(model, str(folder.folder))
     table = None
-    if entries["unet"]["precision"] in ("int8", "fp8"):
+    if entries["unet"]["precision"] in RECIPES:
         table = CalibrationTable.load(folder.calibration_path())
     specs = {}
     for c, entry in entries.items():
         lh, lw = (height // 8, width // 8) if c in ("unet", "vae") else (0, 0)
         batch = int(entry.get("cfg_batch" if c == "unet" else "batch", 1))
-        specs[c] = (entry["precision"], batch, lh, lw, table if c == "unet" else None)
+        profiles = folder.profiles(entry) if entry.get("profiles") else None
+        specs[c] = (entry["precision"], batch, lh, lw, table if c == "unet" else None, profiles)
     run = _cpu_networks(model, specs, log)
     tokenizers = open_tokenizers(model)
     settings = ModelSettings.read(model)
     pipeline = _pipeline(run, run["unet"], tokenizers, settings)
     where = f"CPU (netexec, numpy; the networks of {folder.folder}: unet {entries['unet']['precision']})"
+    multiple = UNetConfig.parse(unet_weights.config).image_multiple
     return _Loaded(pipeline, _cpu_denoise(pipeline), settings, folder.model_name(), folder.model_hash(), height,
-                   width, where, lambda: [e.free() for e in run.values()], run["unet"].inputs["sample"][0][1])
+                   width, where, lambda: [e.free() for e in run.values()], run["unet"].inputs["sample"][0][1],
+                   check=_folder_check(folder, entries, multiple), max_chunks=_max_chunks(folder, entries))
 
 
 # ---------------------------------------------------------------- the GPU (TensorRT)
@@ -371,7 +394,8 @@ def _load_gpu(folder, log: Log) -> _Loaded:
     pipeline = _pipeline({**run, "vae": None}, None, tokenizers, settings)  # the VAE runs in `decoder`
 
     def denoise(cond, scheduler, cfg, seed, latent_shape, on_step):  # the latents stay on the GPU for the VAE
-        return denoiser.denoise(cond, scheduler, cfg, seed, on_step=on_step, keep_on_device=True)
+        return denoiser.denoise(cond, scheduler, cfg, seed, on_step=on_step, keep_on_device=True,
+                                latent_size=tuple(latent_shape[2:]))
 
     def close():
         for executor in run.values():
@@ -385,10 +409,43 @@ def _load_gpu(folder, log: Log) -> _Loaded:
 
     return _Loaded(pipeline, denoise, settings, folder.model_name(), folder.model_hash(), height, width,
                    f"GPU {device.name} (SM{device.sm}), {be.name} {be.version}", close,
-                   denoiser.sample_spec[0][1], decoder.decode)
+                   denoiser.sample_spec[0][1], decoder.decode,
+                   check=_folder_check(folder, entries, _image_multiple(model)), max_chunks=_max_chunks(folder, entries))
 
 
 # ---------------------------------------------------------------- shared checks
+
+
+CPU_MAX_BATCH, CPU_MAX_SIDE, CPU_MAX_CHUNKS = 8, 4096, 8  # Generator.from_model's profile (netexec takes any)
+
+
+def _profile_check(profiles: list[ImageProfile], multiple: int, where: str) -> Callable:
+    def check(batch: int, height: int, width: int, chunks: int) -> None:
+        choose(profiles, batch, height, width, chunks, multiple, where=where)
+
+    return check
+
+
+def _folder_check(folder, entries: dict, multiple: int) -> Callable:
+    def check(batch: int, height: int, width: int, chunks: int) -> None:
+        folder.check_request(entries, batch, height, width, chunks, multiple)
+
+    return check
+
+
+def _max_chunks(folder, entries: dict) -> int:
+    """The longest prompt (in 75-token chunks) every text encoder and the UNet take."""
+    return min(max(p.chunks.hi for p in folder.profiles(entries[c])) for c in ("text_encoder", "text_encoder_2", "unet"))
+
+
+def _image_multiple(model: Path) -> int:
+    from .files import load_json
+
+    config = load_json(Path(model) / "unet" / "config.json", missing={})
+    try:
+        return UNetConfig.parse(config).image_multiple if config else 8
+    except UserError:
+        return 8
 
 
 def open_tokenizers(model: Path):

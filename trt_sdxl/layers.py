@@ -8,7 +8,15 @@ function that reads weights takes the checkpoint path of its module
 (`down_blocks.1.attentions.0.proj_in`) and binds `<path>.weight` / `<path>.bias` by name: a
 missing or mis-shaped tensor is an error, never a silent skip.
 
-Tensors are static-shaped: `shape(x)` is known at definition time.
+Shapes: a network is defined at one concrete shape (its opt shape), so `shape(x)` is known at
+definition time — for the channel counts the weights fix, and for MAC accounting (MACs are counted at
+that shape) — and every attribute that depends on a batch, image or token dimension is written so it
+holds for any shape: reshapes copy (0) or infer (-1) those dimensions, and where a dimension must be
+rebuilt (the [B, HW, C] -> [B, C, H, W] reshape, a slice's size) it comes from a shape tensor of the
+running tensor. `DefinedNetwork.set_profiles` then widens the inputs' dynamic axes to -1 and records
+the optimization profiles; a network left as defined is a static one (a profile of one shape), and
+gives the same numbers. Only the calibration taps, which sample positions of the defined shape, need
+a static network.
 """
 
 from __future__ import annotations
@@ -108,9 +116,45 @@ class DefinedNetwork:
         self.inputs = inputs
         self.precision = definition.precision
 
+        self.opt_inputs = dict(inputs)  # the shapes it was defined at
+        self.profiles: list[dict[str, tuple]] = []  # [{input: (min, opt, max)}]; [] for a static network
+
     @property
     def macs(self) -> list[MacRecord]:
+        """MACs at the shape the network was defined at (`opt_inputs`)."""
         return self.definition.macs
+
+    @property
+    def dynamic(self) -> bool:
+        return any(-1 in shape for shape, _ in self.inputs.values())
+
+    def set_profiles(self, profiles: list[dict[str, tuple]]) -> None:
+        """Optimization profiles, each {input name: (min, opt, max) shapes}: every axis that is not one
+        value across all of them becomes dynamic (-1) in the network's inputs. The first profile's opt
+        must be the defined shape. One profile of one shape leaves the network static."""
+        if not profiles:
+            raise ValueError("set_profiles: expected at least one profile")
+        if self.definition.taps is not None:
+            raise ValueError("the calibration network samples positions of its defined shape: it stays static")
+        for k, profile in enumerate(profiles):
+            if set(profile) != set(self.inputs):
+                raise ValueError(f"profile {k} gives {sorted(profile)}, the network takes {sorted(self.inputs)}")
+            for name, (lo, opt, hi) in profile.items():
+                rank = len(self.opt_inputs[name][0])
+                if not len(lo) == len(opt) == len(hi) == rank or not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+                    raise ValueError(f"profile {k}, input {name}: {lo}/{opt}/{hi} is not min <= opt <= max of rank {rank}")
+        first = {name: tuple(opt) for name, (_, opt, _) in profiles[0].items()}
+        defined = {name: tuple(shape) for name, (shape, _) in self.opt_inputs.items()}
+        if first != defined:
+            raise ValueError(f"the first profile's opt shapes {first} are not the defined shapes {defined}")
+        by_name = {self.network.get_input(i).name: self.network.get_input(i) for i in range(self.network.num_inputs)}
+        for name, (shape, dtype) in self.opt_inputs.items():
+            dims = tuple(-1 if any(len({p[name][j][axis] for j in range(3)} | {shape[axis]}) > 1 for p in profiles)
+                         else shape[axis] for axis in range(len(shape)))
+            by_name[name].shape = dims
+            self.inputs[name] = (dims, dtype)
+        self.profiles = [{name: tuple(tuple(int(v) for v in s) for s in shapes) for name, shapes in p.items()}
+                         for p in profiles]
 
 
 def new_definition(weights, precision: str = "fp16") -> Definition:
@@ -197,15 +241,45 @@ def quick_gelu(d: Definition, x, name=None):
     return mul(d, x, activation(d, mul(d, x, scalar_like(d, 1.702, x)), "SIGMOID"), name)
 
 
+def shape_of(d: Definition, x, axes=None):
+    """x's dimensions at run time, int64 [rank] (or those of `axes`): a shape tensor."""
+    dims = d.network.add_shape(x).get_output(0)
+    if axes is None:
+        return dims
+    return d.network.add_gather(dims, constant(d, np.asarray(tuple(axes), np.int32)), 0).get_output(0)
+
+
+def dims_tensor(d: Definition, parts):
+    """A shape tensor int64 [n] joining `parts`: shape tensors and integers (constants)."""
+    tensors = [constant(d, np.asarray([p], np.int64)) if isinstance(p, (int, np.integer)) else p for p in parts]
+    return tensors[0] if len(tensors) == 1 else concat(d, tensors, axis=0)
+
+
 def reshape(d: Definition, x, dims, first_transpose=None, second_transpose=None, name=None):
+    """Shuffle: first_transpose, reshape to `dims`, second_transpose. `dims` is a tuple, where 0 copies
+    the input's dimension and -1 is inferred (so a batch, image or token dimension stays free), or a
+    shape tensor (`dims_tensor`) for a dimension that must be rebuilt."""
     layer = d.network.add_shuffle(x)
     if first_transpose is not None:
         layer.first_transpose = tuple(first_transpose)
-    if dims is not None:
+    if dims is not None and not isinstance(dims, (tuple, list)):
+        layer.set_input(1, dims)
+    elif dims is not None:
         layer.reshape_dims = tuple(dims)
     if second_transpose is not None:
         layer.second_transpose = tuple(second_transpose)
     return _named(layer, name)
+
+
+def image_to_tokens(d: Definition, x, name=None):
+    """[B, C, H, W] -> [B, HW, C]."""
+    return reshape(d, x, (0, -1, shape(x)[1]), first_transpose=(0, 2, 3, 1), name=name)
+
+
+def tokens_to_image(d: Definition, x, like, name=None):
+    """[B, HW, C] -> [B, C, H, W], with the H and W `like` [B, *, H, W] has at run time."""
+    dims = dims_tensor(d, [shape_of(d, like, (0, 2, 3)), shape(x)[2]])  # [B, H, W, C]
+    return reshape(d, x, dims, second_transpose=(0, 3, 1, 2), name=name)
 
 
 def transpose(d: Definition, x, perm, name=None):
@@ -219,11 +293,18 @@ def concat(d: Definition, tensors, axis: int, name=None):
 
 
 def slice_axis(d: Definition, x, axis: int, start: int, size: int, name=None):
+    """x[..., start:start + size, ...] on `axis`; the other dimensions whole, whatever their run-time size."""
     dims = shape(x)
-    starts = [0] * len(dims)
+    rank = len(dims)
+    axis %= rank
+    starts = [0] * rank
     sizes = list(dims)
     starts[axis], sizes[axis] = start, size
-    return _named(d.network.add_slice(x, tuple(starts), tuple(sizes), (1,) * len(dims)), name)
+    layer = d.network.add_slice(x, tuple(starts), tuple(sizes), (1,) * rank)
+    parts = ([shape_of(d, x, range(axis))] if axis else []) + [size] \
+        + ([shape_of(d, x, range(axis + 1, rank))] if axis < rank - 1 else [])
+    layer.set_input(2, dims_tensor(d, parts))
+    return _named(layer, name)
 
 
 # ---------------------------------------------------------------- weighted layers
@@ -465,8 +546,7 @@ def timestep_embedding(d: Definition, t, dim: int, flip_sin_to_cos: bool = True,
     half = dim // 2
     exponent = -math.log(max_period) * np.arange(half, dtype=np.float64) / (half - freq_shift)
     freqs = np.exp(exponent).astype(np.float32).reshape(1, half)
-    (n,) = shape(t)
-    t2 = reshape(d, cast(d, t, np.float32), (n, 1))  # [N, 1]
+    t2 = reshape(d, cast(d, t, np.float32), (0, 1))  # [N, 1]
     arg = mul(d, t2, constant(d, freqs))  # [N, half]
     sin, cos = unary(d, arg, "SIN"), unary(d, arg, "COS")
     return concat(d, [cos, sin] if flip_sin_to_cos else [sin, cos], axis=1, name=name)  # [N, dim]
@@ -539,8 +619,7 @@ def multi_head_attention(d: Definition, x, context, path: str, heads: int, qkv_b
     to_q/to_k/to_v/to_out.0 (q/k/v without bias in the UNet, with bias in the VAE), CLIP
     uses q_proj/k_proj/v_proj/out_proj (all with bias).
     """
-    b, s, c = shape(x)
-    t = shape(context)[1]
+    c = shape(x)[2]
     head_dim = c // heads
     nq, nk, nv, no = (f"{path}.{n}" for n in names)
     q = linear(d, x, nq, c, bias=qkv_bias, weight_scale=1.0 / math.sqrt(head_dim))  # [B, S, C]
@@ -549,9 +628,9 @@ def multi_head_attention(d: Definition, x, context, path: str, heads: int, qkv_b
     att = f"{path}.attention"
     for part, tensor in (("q", q), ("k", k), ("v", v)):
         tap(d, tensor, f"{att}.{part}", channel_axis=-1, sample_rows=False)
-    q = reshape(d, q, (b, s, heads, head_dim), second_transpose=(0, 2, 1, 3))  # [B, N, S, D]
-    k = reshape(d, k, (b, t, heads, head_dim), second_transpose=(0, 2, 1, 3))  # [B, N, T, D]
-    v = reshape(d, v, (b, t, heads, head_dim), second_transpose=(0, 2, 1, 3))  # [B, N, T, D]
+    q = reshape(d, q, (0, 0, heads, head_dim), second_transpose=(0, 2, 1, 3))  # [B, N, S, D]
+    k = reshape(d, k, (0, 0, heads, head_dim), second_transpose=(0, 2, 1, 3))  # [B, N, T, D]
+    v = reshape(d, v, (0, 0, heads, head_dim), second_transpose=(0, 2, 1, 3))  # [B, N, T, D]
     probs_format = None
     quantize = d.quant is not None and d.quant.quantize_bmm and d.quant.has_stats(f"{att}.q")
     if quantize and d.attention_check is not None and not d.attention_check(d.quant.format, shape(q), shape(k)):
@@ -566,7 +645,7 @@ def multi_head_attention(d: Definition, x, context, path: str, heads: int, qkv_b
         q, k, v = (quantize_dequantize(d, tensor, d.quant.act_scale(f"{att}.{part}"), probs_format,
                                        name=f"{att}.{part}", to=to) for part, tensor in (("q", q), ("k", k), ("v", v)))
     o = attention(d, q, k, v, name=att, causal=causal, probs_format=probs_format)  # [B, N, S, D]
-    o = reshape(d, o, (b, s, c), first_transpose=(0, 2, 1, 3))  # [B, S, C]
+    o = reshape(d, o, (0, 0, c), first_transpose=(0, 2, 1, 3))  # [B, S, C]
     return linear(d, o, no, c)
 
 
@@ -619,8 +698,8 @@ def argmax_first(d: Definition, x, bound: int, name: str | None = None):
 
 def gather_tokens(d: Definition, x, index, name: str | None = None):
     """One position per sequence: x [B, S, C] at int32 index [B, 1] -> [B, C] (row b is x[b, index[b]])."""
-    b, _, c = shape(x)
+    c = shape(x)[2]
     layer = d.network.add_gather(x, index, 1)
     layer.num_elementwise_dims = 1  # index[b] selects within x[b]
     picked = _named(layer, name)  # [B, 1, C]
-    return reshape(d, picked, (b, c))
+    return reshape(d, picked, (0, c))

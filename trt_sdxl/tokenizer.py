@@ -249,7 +249,8 @@ class Tokenizer:
         if dropped:
             detail = ", ".join(f"prompt {row}: {n}" for row, n in dropped)
             message = (f"prompts longer than {room} tokens were truncated; tokens dropped: {detail} "
-                       f"(CLIP reads {self.max_length} positions, BOS and EOS included)")
+                       f"(CLIP reads {self.max_length} positions, BOS and EOS included; generate --long-prompts encodes "
+                       "longer prompts in 75-token chunks)")
             if on_truncate is None:
                 warnings.warn(message, stacklevel=2)
             else:

@@ -61,6 +61,9 @@ class BuildEngines:
     optimization_level: int | None = None  # --optimization-level
     vae_precision: str = "fp32"
     timing_cache: TimingCache = field(default_factory=TimingCache)
+    # the engines have dynamic shapes (trt_sdxl.shapes profiles): calibration's networks are static, at the
+    # opt shape, so none of its engines is the one the build writes, and none is kept
+    dynamic: bool = False
     kept: dict[tuple, tuple[object, float]] = field(default_factory=dict)  # key -> (plan, build seconds)
 
     def level(self, component: str, precision: str) -> int | None:
@@ -164,7 +167,7 @@ def gpu_factory(model, batch: int, latent_h: int, latent_w: int, log: Log = sile
         log(f"calibration: building the {kind} network ({what}) for this GPU")
         plan, seconds = build_engine(defined.definition, target, log, optimization_level=level, timing_cache=cache)
         log(f"calibration: built the {kind} network ({plan.nbytes / 2**20:.1f} MiB, {seconds:.1f} s)")
-        if here and (for_build or kind != "unet"):
+        if here and not engines.dynamic and (for_build or kind != "unet"):
             engines.keep(engines.key_of(kind, defined, images, (latent_h, latent_w), target), plan, seconds)
         return EngineExecutor(Engine(plan, kind))
 

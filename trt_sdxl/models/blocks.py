@@ -16,7 +16,7 @@ def resnet(d: Definition, x, temb_silu, path: str, out_channels: int, groups: in
     h = L.conv2d(d, h, f"{path}.conv1", out_channels, 3, padding=1)  # [B, O, H, W]
     if temb_silu is not None:
         t = L.linear(d, temb_silu, f"{path}.time_emb_proj", out_channels)  # [B, O]
-        h = L.add(d, h, L.reshape(d, t, (shape(t)[0], out_channels, 1, 1)))
+        h = L.add(d, h, L.reshape(d, t, (0, 0, 1, 1)))
     h = L.silu(d, L.group_norm(d, h, f"{path}.norm2", groups, eps))
     h = L.conv2d(d, h, f"{path}.conv2", out_channels, 3, padding=1)
     shortcut = x if c == out_channels else L.conv2d(d, x, f"{path}.conv_shortcut", out_channels, 1)

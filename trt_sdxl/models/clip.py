@@ -19,6 +19,7 @@ from .. import layers as L
 from ..components import ENCODERS
 from ..errors import UserError
 from ..layers import Definition, shape
+from ..shapes import ImageProfile, box, text_rows
 from ..tokenizer import MAX_LENGTH
 
 COMPONENTS = {number: name for name, number in ENCODERS.items()}
@@ -154,17 +155,26 @@ class TextEncoderNetwork(L.DefinedNetwork):
         self.encoder = encoder
 
 
-def define(model, encoder: int = 1, batch: int = 1, precision: str = "fp16") -> TextEncoderNetwork:
+def input_profile(profile: ImageProfile) -> dict[str, tuple]:
+    """{input: (min, opt, max)} of one profile: a call encodes images x prompt chunks rows of 77 ids."""
+    return {"input_ids": box(text_rows(profile), MAX_LENGTH)}
+
+
+def define(model, encoder: int = 1, batch: int = 1, precision: str = "fp16",
+           profiles: list[ImageProfile] | None = None) -> TextEncoderNetwork:
     """Define text encoder `encoder` (1: `text_encoder`, 2: `text_encoder_2`) of `model` (pipeline
     folder, the component's folder, single file or opened component).
 
     Input `input_ids` int32 [B, 77]; outputs `hidden_states` [B, 77, C] (the penultimate layer, as
-    SDXL reads it) and, for encoder 2, `text_embeds` [B, projection_dim].
+    SDXL reads it) and, for encoder 2, `text_embeds` [B, projection_dim]. `profiles`: define at the
+    first one's opt rows and widen the batch axis where they vary (trt_sdxl.shapes).
     """
     from .. import weights as W
 
     if encoder not in COMPONENTS:
         raise UserError(f"encoder {encoder!r}: expected 1 (text_encoder) or 2 (text_encoder_2)")
+    if profiles:
+        batch = text_rows(profiles[0]).opt
     if not isinstance(batch, int) or batch < 1:
         raise UserError(f"batch {batch!r}: expected a positive integer")
     component = W.open_component(model, COMPONENTS[encoder])
@@ -186,4 +196,7 @@ def define(model, encoder: int = 1, batch: int = 1, precision: str = "fp16") -> 
     if "text_model.embeddings.position_ids" in component:
         component.skip("text_model.embeddings.position_ids", "positions 0..76 are a constant of the network")
     component.check_all_consumed()
-    return TextEncoderNetwork(d, cfg, encoder, specs)
+    net = TextEncoderNetwork(d, cfg, encoder, specs)
+    if profiles:
+        net.set_profiles([input_profile(p) for p in profiles])
+    return net

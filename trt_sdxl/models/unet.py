@@ -13,7 +13,10 @@ from .. import layers as L
 from . import blocks as B
 from ..errors import UserError
 from ..layers import Definition, shape
+from ..shapes import ImageProfile, box
 from ..unet_config import UNetConfig
+
+TOKENS = 77  # text context positions per prompt chunk
 
 
 # ---------------------------------------------------------------- blocks
@@ -40,14 +43,14 @@ def transformer_block(d: Definition, x, context, path: str, heads: int):
 
 def spatial_transformer(d: Definition, x, context, path: str, heads: int, depth: int, cfg: UNetConfig):
     """Transformer2DModel with linear projections: GN, proj_in, `depth` blocks, proj_out, + input."""
-    b, c, hh, ww = shape(x)
+    c = shape(x)[1]
     h = L.group_norm(d, x, f"{path}.norm", cfg.norm_num_groups, 1e-6)
-    h = L.reshape(d, h, (b, hh * ww, c), first_transpose=(0, 2, 3, 1))  # [B, C, H, W] -> [B, HW, C]
+    h = L.image_to_tokens(d, h)  # [B, C, H, W] -> [B, HW, C]
     h = L.linear(d, h, f"{path}.proj_in", c)
     for i in range(depth):
         h = transformer_block(d, h, context, f"{path}.transformer_blocks.{i}", heads)
     h = L.linear(d, h, f"{path}.proj_out", c)
-    h = L.reshape(d, h, (b, hh, ww, c), second_transpose=(0, 3, 1, 2))  # [B, HW, C] -> [B, C, H, W]
+    h = L.tokens_to_image(d, h, x)  # [B, HW, C] -> [B, C, H, W]
     return L.add(d, h, x, name=f"{path}.residual")
 
 
@@ -60,16 +63,15 @@ def unet(d: Definition, cfg: UNetConfig, sample, timestep, context, text_embeds,
     `progress(message)` is called after each block (the full SDXL UNet has ~5000 layers).
     """
     report = progress or (lambda message: None)
-    b = shape(sample)[0]
     ch0 = cfg.block_out_channels[0]
 
     # time and added (text_time) conditioning, computed in fp32, then the compute dtype
     t_emb = L.timestep_embedding(d, timestep, ch0, cfg.flip_sin_to_cos, cfg.freq_shift)  # [B, ch0]
     emb = time_embedding(d, L.cast(d, t_emb, d.dtype), "time_embedding", ch0, cfg.time_embed_dim)
     n_ids = cfg.num_time_ids
-    ids = L.reshape(d, time_ids, (b * n_ids,))  # [B, 6] -> [B*6]
+    ids = L.reshape(d, time_ids, (-1,))  # [B, 6] -> [B*6]
     ids_emb = L.timestep_embedding(d, ids, cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
-    ids_emb = L.reshape(d, L.cast(d, ids_emb, d.dtype), (b, n_ids * cfg.addition_time_embed_dim))  # [B, 6*256]
+    ids_emb = L.reshape(d, L.cast(d, ids_emb, d.dtype), (-1, n_ids * cfg.addition_time_embed_dim))  # [B, 6*256]
     add_in = L.concat(d, [text_embeds, ids_emb], axis=1)  # [B, projection_class_embeddings_input_dim]
     aug = time_embedding(d, add_in, "add_embedding", cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
     emb = L.add(d, emb, aug, name="emb")  # [B, 4*ch0]
@@ -122,19 +124,29 @@ class UNetNetwork(L.DefinedNetwork):
     """A defined UNet: `.network` (INetworkDefinition) kept alive with its builder and weights."""
 
 
-def input_specs(cfg: UNetConfig, batch: int, latent_height: int, latent_width: int, dtype) -> dict[str, tuple]:
+def input_specs(cfg: UNetConfig, batch: int, latent_height: int, latent_width: int, dtype,
+                tokens: int = TOKENS) -> dict[str, tuple]:
     return {
         "sample": ((batch, cfg.in_channels, latent_height, latent_width), dtype),
         "timestep": ((batch,), np.float32),
-        "encoder_hidden_states": ((batch, 77, cfg.cross_attention_dim), dtype),
+        "encoder_hidden_states": ((batch, tokens, cfg.cross_attention_dim), dtype),
         "text_embeds": ((batch, cfg.text_embeds_dim), dtype),
         "time_ids": ((batch, cfg.num_time_ids), np.float32),
     }
 
 
+def input_profile(cfg: UNetConfig, profile: ImageProfile) -> dict[str, tuple]:
+    """{input: (min, opt, max)} of one profile: the CFG batch is 2 x images, latents 1/8 of the image,
+    the text context 77 tokens per prompt chunk."""
+    rows, lh, lw = profile.batch.scaled(2), profile.height.divided(8), profile.width.divided(8)
+    return {"sample": box(rows, cfg.in_channels, lh, lw), "timestep": box(rows),
+            "encoder_hidden_states": box(rows, profile.chunks.scaled(TOKENS), cfg.cross_attention_dim),
+            "text_embeds": box(rows, cfg.text_embeds_dim), "time_ids": box(rows, cfg.num_time_ids)}
+
+
 def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 128, latent_width: int = 128,
            progress=None, calibration=None, quant_options: dict | None = None, calibration_taps: bool = False,
-           attention_check=None) -> UNetNetwork:
+           attention_check=None, profiles: list[ImageProfile] | None = None) -> UNetNetwork:
     """Define the UNet of `model` (pipeline folder, `unet/` folder, single file or opened component).
 
     Inputs as diffusers' UNet arguments: `sample` [B, 4, h, w], `timestep` [B] (fp32),
@@ -147,6 +159,8 @@ def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 
     network instead: FP16 plus per-channel abs-max outputs (`amax:<path>`) and sampled rows.
     `attention_check(fmt, q_shape, k_shape)`: whether a quantized attention of those shapes has a
     fused kernel (the build asks the builder); one without keeps FP16 BMMs (`attention_fallbacks`).
+    `profiles` (trt_sdxl.shapes.ImageProfile): define at the first one's opt shape (CFG batch, latent
+    size and token count replace `batch`/`latent_*`) and widen the axes they vary to dynamic.
     """
     from .. import weights as W
     from ..quant.plan import CalibrationTaps, QuantPlan
@@ -159,6 +173,11 @@ def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 
     component = W.open_component(model, "unet")
     cfg = UNetConfig.parse(component.config)
     cfg.check_weights(component)
+    tokens = TOKENS
+    if profiles:
+        opt = {name: shapes[1] for name, shapes in input_profile(cfg, profiles[0]).items()}
+        batch, _, latent_height, latent_width = opt["sample"]
+        tokens = opt["encoder_hidden_states"][1]
     factor = cfg.latent_multiple
     if batch < 1 or latent_height % factor or latent_width % factor or min(latent_height, latent_width) < factor:
         raise UserError(
@@ -176,7 +195,7 @@ def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 
     d.attention_check = attention_check
     if calibration_taps:
         d.taps = CalibrationTaps()
-    specs = input_specs(cfg, batch, latent_height, latent_width, d.dtype)
+    specs = input_specs(cfg, batch, latent_height, latent_width, d.dtype, tokens)
     tensors = {name: L.add_input(d, name, dims, dt) for name, (dims, dt) in specs.items()}
     y = unet(d, cfg, tensors["sample"], tensors["timestep"], tensors["encoder_hidden_states"],
              tensors["text_embeds"], tensors["time_ids"], progress)
@@ -184,6 +203,8 @@ def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 
     component.check_all_consumed()
     net = UNetNetwork(d, cfg, specs)
     net.precision = precision
+    if profiles:
+        net.set_profiles([input_profile(cfg, p) for p in profiles])
     return net
 
 

@@ -17,7 +17,8 @@ import numpy as np
 from .. import layers as L
 from . import blocks as B
 from ..errors import UserError
-from ..layers import Definition, shape
+from ..layers import Definition
+from ..shapes import ImageProfile, box
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 EPS = 1e-6  # diffusers' Decoder hard-codes eps 1e-6 for every resnet, attention and the output norm
@@ -78,12 +79,11 @@ def parse_config(cfg: dict) -> VAEConfig:
 
 def attention_block(d: Definition, x, path: str, groups: int):
     """diffusers' Attention as the VAE mid block uses it: GN, one head over all channels, biased q/k/v, + input."""
-    b, c, h, w = shape(x)
     n = L.group_norm(d, x, f"{path}.group_norm", groups, EPS)
-    n = L.reshape(d, n, (b, h * w, c), first_transpose=(0, 2, 3, 1))  # [B, C, H, W] -> [B, HW, C]
+    n = L.image_to_tokens(d, n)  # [B, C, H, W] -> [B, HW, C]
     # heads = C // attention_head_dim, and the Decoder sets attention_head_dim to C
     o = L.multi_head_attention(d, n, n, path, heads=1, qkv_bias=True)  # [B, HW, C]
-    o = L.reshape(d, o, (b, h, w, c), second_transpose=(0, 3, 1, 2))  # [B, HW, C] -> [B, C, H, W]
+    o = L.tokens_to_image(d, o, x)  # [B, HW, C] -> [B, C, H, W]
     return L.add(d, o, x, name=f"{path}.residual")  # rescale_output_factor is 1 in the Decoder
 
 
@@ -136,19 +136,27 @@ def _check_precision(precision: str, cfg: VAEConfig) -> None:
         )
 
 
+def input_profile(cfg: VAEConfig, profile: ImageProfile) -> dict[str, tuple]:
+    """{input: (min, opt, max)} of one profile: `latent` is 1/8 of the image."""
+    return {"latent": box(profile.batch, cfg.latent_channels, profile.height.divided(8), profile.width.divided(8))}
+
+
 def define(model, precision: str = "fp32", batch: int = 1, latent_height: int = 128,
-           latent_width: int = 128) -> VAENetwork:
+           latent_width: int = 128, profiles: list[ImageProfile] | None = None) -> VAENetwork:
     """Define the VAE decoder of `model` (pipeline folder, `vae/` folder, single file or opened component).
 
     Input `latent` [B, latent_channels, h, w] float32, as `AutoencoderKL.decode` receives it (already
     divided by the scaling factor); output `image` [B, 3, 8h, 8w] float32 in [-1, 1], not clamped.
     `precision`: fp32 (default), bf16, or fp16 for weights fine-tuned not to overflow in it.
+    `profiles`: define at the first one's opt shape and widen the axes they vary (trt_sdxl.shapes).
     """
     from .. import weights as W
 
     component = W.open_component(model, "vae")
     cfg = parse_config(component.config)
     _check_precision(precision, cfg)
+    if profiles:
+        batch, _, latent_height, latent_width = input_profile(cfg, profiles[0])["latent"][1]
     if batch < 1 or latent_height < 1 or latent_width < 1:
         raise UserError(f"batch {batch}, latent {latent_height}x{latent_width}: expected positive sizes")
     for key in component.keys():
@@ -160,4 +168,7 @@ def define(model, precision: str = "fp32", batch: int = 1, latent_height: int = 
     image = decoder(d, cfg, L.cast(d, latent, d.dtype))
     L.mark_output(d, image, "image", np.float32)
     component.check_all_consumed()
-    return VAENetwork(d, cfg, specs)
+    net = VAENetwork(d, cfg, specs)
+    if profiles:
+        net.set_profiles([input_profile(cfg, p) for p in profiles])
+    return net

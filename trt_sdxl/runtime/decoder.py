@@ -3,7 +3,9 @@ the denoiser left on the device; only the uint8 image comes back to the host.
 
 Per image: scale_cast(latents, 1 / scaling_factor) into the VAE's input (as Pipeline.decode does
 on the CPU), the VAE engine, image_to_rgb8_f32 into the image's place in one uint8 buffer
-[B, H, W, 3]. A VAE engine built for fewer images than the call has runs on slices of them.
+[B, H, W, 3]. A VAE engine built for fewer images than the call has runs on slices of them; one
+with dynamic shapes takes any latent size and batch its profiles hold (its buffers are allocated
+for their largest shapes).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ class ImageDecoder:
             raise UserError(f"{vae.name}: its image output is {self.image_spec[1]}, the RGB kernel takes float32; "
                             "rebuild the VAE engine with this version of trt_sdxl")
         self.suffix = kernels.dtype_suffix(self.latent_spec[1])
-        self.batch, *_ = self.latent_spec[0]
-        self.latent = DeviceBuffer(nbytes(self.latent_spec))
-        self.image = DeviceBuffer(nbytes(self.image_spec))
+        largest = vae.max_shapes(stream)
+        self.batch = largest["latent"][0]
+        self.latent = DeviceBuffer(nbytes((largest["latent"], self.latent_spec[1])))
+        self.image = DeviceBuffer(nbytes((largest["image"], self.image_spec[1])))
         self.decodes = 0
 
     def decode(self, latents: DeviceLatents | np.ndarray) -> np.ndarray:
@@ -51,15 +54,17 @@ class ImageDecoder:
 
     def _decode(self, source: DeviceBuffer, shape: tuple[int, ...]) -> np.ndarray:
         images, per_image = shape[0], int(np.prod(shape[1:]))
-        if tuple(shape[1:]) != tuple(self.latent_spec[0][1:]):
-            raise UserError(f"{self.vae.name} takes latents {self.latent_spec[0][1:]}, these are {shape[1:]}")
-        _, _, height, width = self.image_spec[0]
+        fixed = self.latent_spec[0]
+        if not self.vae.dynamic and tuple(shape[1:]) != tuple(fixed[1:]):
+            raise UserError(f"{self.vae.name} takes latents {fixed[1:]}, these are {shape[1:]}")
+        rows = fixed[0] if fixed[0] > 0 else min(images, self.batch)  # a dynamic batch: the call's, up to the max
+        _, _, height, width = self.vae.set_shapes({"latent": (rows, *shape[1:])}, self.stream)["image"]
         rgb_bytes = height * width * 3
         rgb = DeviceBuffer(images * rgb_bytes)
         host = HostBuffer((images, height, width, 3), np.uint8)
         try:
-            for first in range(0, images, self.batch):
-                count = min(self.batch, images - first)
+            for first in range(0, images, rows):
+                count = min(rows, images - first)
                 self.library.launch(f"scale_cast_{self.suffix}", count * per_image, self.stream, self.latent,
                                     int(source) + 4 * first * per_image, 1.0 / self.scaling_factor,
                                     count * per_image, 1)

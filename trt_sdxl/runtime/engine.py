@@ -44,8 +44,25 @@ def check_backend_runs_here(name: str, rebuild: str | None = None) -> None:
                     f"{then}; or run the networks on the CPU with --cpu")
 
 
+def profile_for(profiles: list[dict], shapes: dict[str, tuple]) -> int | None:
+    """Index of the first optimization profile ({input: (min, opt, max)}) whose ranges hold `shapes`."""
+    for k, profile in enumerate(profiles):
+        if all(all(lo <= v <= hi for lo, v, hi in zip(profile[n][0], shape, profile[n][2]))
+               and len(shape) == len(profile[n][0]) for n, shape in shapes.items()):
+            return k
+    return None
+
+
+def describe_profiles(profiles: list[dict]) -> str:
+    return "; or ".join(", ".join(f"{n} {list(lo)}..{list(hi)}" for n, (lo, _, hi) in p.items()) for p in profiles)
+
+
 class Engine:
-    """A deserialized engine and one execution context; `inputs`/`outputs`: name -> (shape, numpy dtype).
+    """A deserialized engine and one execution context; `inputs`/`outputs`: name -> (shape, numpy dtype),
+    -1 on a dynamic axis, and `profiles` its optimization profiles ([{input: (min, opt, max)}], [] for a
+    static engine). `set_shapes` gives the next enqueue its input shapes (switching the context to the
+    profile that holds them); `max_shapes` is what buffers are allocated for. The context's own scratch
+    memory is allocated by TensorRT, once, for the largest shapes of its profiles.
     `rebuild`: the command that makes the engine again, for the messages."""
 
     def __init__(self, plan: bytes, name: str, cache_file: RuntimeCacheFile | None = None,
@@ -59,6 +76,12 @@ class Engine:
         if self.engine is None:
             raise UserError(f"{name}: {be.name} {be.version} could not load this engine (its messages above say why)")
         self.runtime_cache = RuntimeCache(self.engine, cache_file) if be.has_runtime_cache else None
+        if self.runtime_cache is not None and be.has_shape_specialization:
+            # TensorRT-RTX compiles kernels specialized to each shape it meets; LAZY (its default) runs generic
+            # ones until they are ready, in the background, and a CUDA graph captured meanwhile would keep the
+            # generic ones. EAGER compiles them in the warm-up enqueue of each new shape, before the capture.
+            self.runtime_cache.config.dynamic_shapes_kernel_specialization_strategy = \
+                trt.DynamicShapesKernelSpecializationStrategy.EAGER
         if self.runtime_cache is None:
             self.context = self.engine.create_execution_context()
         else:
@@ -70,9 +93,6 @@ class Engine:
         for i in range(self.engine.num_io_tensors):
             tensor = self.engine.get_tensor_name(i)
             shape = tuple(self.engine.get_tensor_shape(tensor))
-            if any(d < 0 for d in shape):
-                raise UserError(f"{name}: tensor {tensor!r} has a dynamic shape {shape}; this runtime runs engines "
-                                "with fixed shapes, as trt_sdxl.build writes them")
             trt_type = self.engine.get_tensor_dtype(tensor)
             np_type = dtypes.to_numpy(trt_type)
             if np_type is None:
@@ -80,6 +100,49 @@ class Engine:
                                 "equivalent")
             is_input = self.engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT
             (self.inputs if is_input else self.outputs)[tensor] = (shape, np_type)
+        self.profiles: list[dict] = []
+        if self.dynamic:
+            for k in range(self.engine.num_optimization_profiles):
+                self.profiles.append({n: tuple(tuple(int(v) for v in s) for s in
+                                               self.engine.get_tensor_profile_shape(n, k)) for n in self.inputs})
+        self.profile = 0  # the context's current optimization profile
+
+    @property
+    def dynamic(self) -> bool:
+        return any(-1 in shape for shape, _ in self.inputs.values())
+
+    def set_shapes(self, shapes: dict[str, tuple], stream: Stream) -> dict[str, tuple]:
+        """The input shapes of the next enqueues -> every I/O tensor's shape (TensorRT infers the outputs').
+        A static engine takes exactly its shapes; a dynamic one any inside one of its profiles."""
+        if not self.dynamic:
+            for n, shape in shapes.items():
+                if tuple(shape) != self.inputs[n][0]:
+                    raise UserError(f"{self.name}: input {n!r} is {tuple(shape)}, the engine takes {self.inputs[n][0]}")
+            return {n: spec[0] for n, spec in {**self.inputs, **self.outputs}.items()}
+        k = profile_for(self.profiles, shapes)
+        if k is None:
+            raise UserError(f"{self.name}: inputs {({n: tuple(s) for n, s in shapes.items()})} are outside its "
+                            f"profiles ({describe_profiles(self.profiles)})")
+        if k != self.profile:
+            if not self.context.set_optimization_profile_async(k, int(stream)):
+                raise CudaError(f"{self.name}: set_optimization_profile_async({k}) was refused")
+            self.profile = k
+        for n, shape in shapes.items():
+            if not self.context.set_input_shape(n, tuple(int(v) for v in shape)):
+                raise CudaError(f"{self.name}: set_input_shape({n!r}, {tuple(shape)}) was refused")
+        out = {n: tuple(int(v) for v in shapes[n]) for n in self.inputs}
+        out.update({n: tuple(int(v) for v in self.context.get_tensor_shape(n)) for n in self.outputs})
+        return out
+
+    def max_shapes(self, stream: Stream) -> dict[str, tuple]:
+        """Each I/O tensor's largest shape over the profiles (outputs as TensorRT infers them there)."""
+        if not self.dynamic:
+            return {n: spec[0] for n, spec in {**self.inputs, **self.outputs}.items()}
+        best: dict[str, tuple] = {}
+        for profile in self.profiles:
+            for n, shape in self.set_shapes({n: hi for n, (_, _, hi) in profile.items()}, stream).items():
+                best[n] = tuple(max(a, b) for a, b in zip(best.get(n, shape), shape))
+        return best
 
     @classmethod
     def load(cls, path: Path) -> Engine:
@@ -100,7 +163,7 @@ class Engine:
         from ..engines import build_engine
 
         check_backend_runs_here(name)
-        plan, _ = build_engine(defined.definition, "native")
+        plan, _ = build_engine(defined.definition, "native", profiles=defined.profiles if defined.dynamic else None)
         return cls(plan, name)
 
     def set_address(self, tensor: str, buffer: DeviceBuffer | int) -> None:
@@ -138,10 +201,17 @@ def nbytes(spec: tuple[tuple[int, ...], np.dtype]) -> int:
     return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
+def shaped(host: HostBuffer, shape: tuple[int, ...]) -> np.ndarray:
+    """The first prod(shape) elements of a pinned buffer, as an array of `shape` (still pinned memory)."""
+    return host.array.reshape(-1)[:int(np.prod(shape, dtype=np.int64))].reshape(shape)
+
+
 class EngineExecutor:
     """Runs an engine on named numpy inputs and returns every output as numpy, through pinned host
-    buffers and device buffers allocated once; one stream (its own unless one is given, destroyed
-    by `free`), synchronized at the end of each run. The engine stays its owner's to release."""
+    buffers and device buffers allocated once, for the engine's largest shapes; one stream (its own
+    unless one is given, destroyed by `free`), synchronized at the end of each run. A dynamic engine
+    takes any shapes inside its profiles (`max_batch`: the most rows one run takes). The engine stays
+    its owner's to release."""
 
     def __init__(self, engine: Engine, stream: Stream | None = None):
         self.engine = engine
@@ -150,7 +220,9 @@ class EngineExecutor:
         self.own_stream = stream is None
         self.stream = Stream() if stream is None else stream
         self.runs = 0
-        specs = {**engine.inputs, **engine.outputs}
+        largest = engine.max_shapes(self.stream)
+        specs = {name: (largest[name], spec[1]) for name, spec in {**engine.inputs, **engine.outputs}.items()}
+        self.max_batch = largest[next(iter(engine.inputs))][0] if engine.dynamic else None
         self.device = {name: DeviceBuffer(nbytes(spec)) for name, spec in specs.items()}
         self.host = {name: HostBuffer(*spec) for name, spec in specs.items()}
 
@@ -158,23 +230,27 @@ class EngineExecutor:
         missing, unknown = set(self.inputs) - set(feeds), set(feeds) - set(self.inputs)
         if missing or unknown:
             raise ValueError(f"{self.engine.name}: inputs missing {sorted(missing)}, unknown {sorted(unknown)}")
-        for name, (shape, dtype) in self.inputs.items():
-            value = np.asarray(feeds[name])
-            if value.shape != shape:
-                raise ValueError(f"{self.engine.name}: input {name!r} has shape {value.shape}, "
-                                 f"the engine takes {shape}")
-            self.host[name].array[...] = value.astype(dtype, copy=False)
-            self.device[name].upload(self.host[name], self.stream)
+        values = {name: np.asarray(feeds[name]) for name in self.inputs}
+        if not self.engine.dynamic:
+            for name, (shape, _) in self.inputs.items():
+                if values[name].shape != shape:
+                    raise ValueError(f"{self.engine.name}: input {name!r} has shape {values[name].shape}, "
+                                     f"the engine takes {shape}")
+        shapes = self.engine.set_shapes({name: v.shape for name, v in values.items()}, self.stream)
+        for name, (_, dtype) in self.inputs.items():
+            host = shaped(self.host[name], shapes[name])
+            host[...] = values[name].astype(dtype, copy=False)
+            self.device[name].upload(host, self.stream)
         for name, buffer in self.device.items():  # every run: another user of the context may have moved them
             self.engine.set_address(name, buffer)
         self.engine.enqueue(self.stream)
         for name in self.outputs:
-            self.device[name].download(self.host[name], self.stream)
+            self.device[name].download(shaped(self.host[name], shapes[name]), self.stream)
         self.stream.synchronize()
         self.runs += 1
         if self.runs == 1:  # what TensorRT-RTX compiled for the first enqueue is worth keeping at once
             self.engine.save_runtime_cache()
-        return {name: self.host[name].array.copy() for name in self.outputs}
+        return {name: shaped(self.host[name], shapes[name]).copy() for name in self.outputs}
 
     def free(self) -> None:
         for buffer in (*self.device.values(), *self.host.values()):

@@ -7,8 +7,11 @@ scheduler config, and for models small enough to preview on the CPU their weight
 `calibration` (8-bit: the table's file name) and `engines`, mapping a component (`text_encoder`,
 `text_encoder_2`, `unet`, `vae`) to its `file` (relative), `precision`, `backend`,
 `backend_version`, `target` ("SM89", or "native" for the GPU it was built on), `batch` (images per
-prompt; the UNet's engine takes `cfg_batch` = 2 x batch), `image_height`/`image_width` (UNet, VAE),
-`inputs`/`outputs` ([{name, shape, dtype}]), `checkpoint` (where it was built from, a record only)
+prompt at the opt shape; the UNet's engine takes `cfg_batch` = 2 x batch), `image_height`/`image_width`
+(UNet, VAE: the opt size, what a request without a size gets), `profiles` (the requests it serves,
+trt_sdxl.shapes.ImageProfile as JSON, one per optimization profile), `inputs`/`outputs` ([{name,
+shape, dtype}], -1 on a dynamic axis), `input_profiles` (per optimization profile, each input's
+min/opt/max shape; [] for a static engine), `checkpoint` (where it was built from, a record only)
 and `checkpoint_fingerprint`. Every path the runtime follows is relative, so the folder can be
 moved or copied to another machine.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from .. import shapes
 from ..components import COMPONENTS
 from ..errors import UserError
 from ..files import load_json
@@ -66,14 +70,23 @@ class EnginesFolder:
         flags (`height=768`)."""
         unet, vae = self.engines.get("unet", {}), self.engines.get("vae", {})
         first = next(iter(self.engines.values()), {})
+        profiles = [shapes.ImageProfile.from_json(p) for p in (unet or vae or first).get("profiles") or []]
         flags = {"model": str(model_folder(first)) if first.get("checkpoint") else None, "out": str(self.folder),
                  "precision": unet.get("precision"), "vae_precision": vae.get("precision"),
-                 "batch": first.get("batch"), "height": (unet or vae).get("image_height"),
-                 "width": (unet or vae).get("image_width"), **overrides}
+                 "batch": profiles[0].batch.text() if profiles else first.get("batch")}
+        dynamic = len(profiles) > 1 or (profiles and not profiles[0].static)
+        if dynamic and not {"height", "width"} & overrides.keys():
+            flags["resolutions"] = [p.resolutions for p in profiles]
+            if profiles[0].chunks.hi > 1:
+                flags["prompt_chunks"] = profiles[0].chunks.hi
+        else:
+            flags.update({"height": (unet or vae).get("image_height"), "width": (unet or vae).get("image_width")})
+        flags.update(overrides)
         parts = [BUILD]
         for name, value in flags.items():
-            if value is not None:
-                parts += [f"--{name.replace('_', '-')}", shlex.quote(str(value))]
+            for one in value if isinstance(value, list) else [value]:
+                if one is not None:
+                    parts += [f"--{name.replace('_', '-')}", shlex.quote(str(one))]
         return " ".join(parts)
 
     def entry(self, component: str, need_file: bool = True) -> dict:
@@ -107,27 +120,43 @@ class EnginesFolder:
             raise UserError(f"{entry['path']} was built for {target}, but this GPU ({gpu_name}) is {present}: "
                             f"rebuild on this machine with `{self.rebuild_command()}`")
 
-    def check_resolution(self, unet: dict, height: int | None, width: int | None) -> tuple[int, int]:
-        """(height, width) in pixels: the UNet engine's (fixed) size; a different request is a UserError."""
-        _, _, h, w = input_shape(unet, "sample")
-        built = (8 * h, 8 * w)
-        asked = (height or built[0], width or built[1])
-        if asked != built:
-            raise UserError(f"--height {asked[0]} --width {asked[1]}: the UNet engine {unet['path']} was built for "
-                            f"height {built[0]}, width {built[1]} (engine shapes are fixed): use --height {built[0]} "
-                            f"--width {built[1]}, or build for that size with "
-                            f"`{self.rebuild_command(height=asked[0], width=asked[1])}`")
-        return built
+    def profiles(self, entry: dict) -> list[shapes.ImageProfile]:
+        """The requests an engine serves (an entry from before profiles: its one static shape)."""
+        if entry.get("profiles"):
+            return [shapes.ImageProfile.from_json(p) for p in entry["profiles"]]
+        batch = shapes.Range.one(int(entry.get("batch", 1)))
+        if entry.get("component") == "unet" or "image_height" in entry:
+            h, w = int(entry.get("image_height", 0)), int(entry.get("image_width", 0))
+            if entry.get("component") == "unet" and entry.get("inputs"):
+                _, _, lh, lw = input_shape(entry, "sample")
+                h, w = 8 * lh, 8 * lw
+            return [shapes.ImageProfile(batch, shapes.Range.one(h), shapes.Range.one(w), shapes.Range.one(1), f"{w}x{h}")]
+        any_side = shapes.Range(8, 8, 2**16)
+        return [shapes.ImageProfile(batch, any_side, any_side, shapes.Range.one(1), "")]
+
+    def check_request(self, entries: dict, batch: int, height: int, width: int, chunks: int = 1,
+                      multiple: int = 8) -> dict[str, int]:
+        """component -> the index of its engine's profile that serves the request; a UserError naming the
+        ranges the engines take (and how to build for the request) where one of them cannot."""
+        chosen = {}
+        for component, entry in sorted(entries.items(), key=lambda item: item[0] != "unet"):  # the UNet's first
+            try:
+                chosen[component] = shapes.choose(self.profiles(entry), batch, height, width, chunks, multiple,
+                                                  where=f"the {component} engine")
+            except UserError as e:
+                raise UserError(f"{e}; e.g. `{self.rebuild_command(**build_flags(batch, height, width, chunks))}`") \
+                    from None
+        return chosen
 
     def image_size(self, entries: dict) -> tuple[int, int]:
-        """(height, width) the UNet and VAE engines were built for; they must agree."""
-        _, _, h, w = input_shape(entries["unet"], "sample")
-        height, width = 8 * h, 8 * w
-        vae_size = (entries["vae"].get("image_height"), entries["vae"].get("image_width"))
-        if vae_size != (height, width):
-            raise UserError(f"{self.folder}: the VAE engine was built for {vae_size[1]}x{vae_size[0]} images, the "
-                            f"UNet for {width}x{height}; rebuild one of them, e.g. "
-                            f"{self.rebuild_command(height=height, width=width)} --components vae")
+        """(height, width) a request without a size gets: the UNet's opt size; the VAE must serve it."""
+        opt = self.profiles(entries["unet"])[0]
+        height, width = opt.height.opt, opt.width.opt
+        if not any(p.height.lo <= height <= p.height.hi and p.width.lo <= width <= p.width.hi
+                   for p in self.profiles(entries["vae"])):
+            vae = "; or ".join(p.describe() for p in self.profiles(entries["vae"]))
+            raise UserError(f"{self.folder}: the VAE engine takes {vae}, not the UNet's {width}x{height}; rebuild one "
+                            f"of them, e.g. {self.rebuild_command()} --components vae")
         return height, width
 
     def model_folder(self, require_weights: bool) -> Path:
@@ -159,6 +188,14 @@ class EnginesFolder:
 
     def model_hash(self) -> str:
         return str(self.engines.get("unet", {}).get("checkpoint_fingerprint", ""))[:10]
+
+
+def build_flags(batch: int, height: int, width: int, chunks: int) -> dict:
+    """Build flags for engines that serve one request of this shape."""
+    flags = {"height": height, "width": width, "batch": batch}
+    if chunks > 1:
+        flags["prompt_chunks"] = chunks
+    return flags
 
 
 def input_shape(entry: dict, name: str) -> tuple[int, ...]:
