@@ -85,7 +85,7 @@ def test_cpu_generates_the_pipelines_images(tiny_sdxl, tmp_path, capsys):
         lines = text.split("\n")
         assert lines[:2] == ["a cat on a sofa", "Negative prompt: blurry"]
         fields = dict(f.split(": ", 1) for f in lines[2].split(", "))
-        assert fields["Steps"] == "3" and fields["Sampler"] == "DPM++ 2M Karras" and fields["CFG scale"] == "6.5"
+        assert fields["Steps"] == "3" and fields["Sampler"] == "DPM++ 2M" and fields["Schedule type"] == "Karras" and fields["CFG scale"] == "6.5"
         assert fields["Seed"] == str(11 + k) and fields["Size"] == f"{SIZE}x{SIZE}" and fields["Model"] == "tiny-sdxl"  # image k: seed + k (A1111)
         assert fields["Batch size"] == "2" and fields["Batch pos"] == str(k)
         assert fields["Model hash"] == weights.open_component(tiny_sdxl, "unet").fingerprint()[:10]

@@ -37,6 +37,12 @@ class NetexecExecutor:
         self.inputs = defined.inputs
         self.outputs = outputs
         self.program = netexec.Program(self.network, outputs)  # prepared once, run every call
+        # A dynamic batch runs in slices of the rows the network was defined at (denoising.run_batched):
+        # numpy's float32 GEMMs round a row differently with a different number of rows beside it, and so
+        # an image of a batch stays the image made alone, bit for bit.
+        first = next(iter(defined.inputs.values()))[0] if defined.inputs else ()
+        opt = getattr(defined, "opt_inputs", defined.inputs)
+        self.max_batch = next(iter(opt.values()))[0][0] if first and first[0] < 0 else None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cast = {k: np.asarray(v).astype(self.inputs[k][1], copy=False) for k, v in feeds.items()}

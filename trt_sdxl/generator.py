@@ -43,7 +43,9 @@ from .runtime import manifest as manifest_module
 from .shapes import ImageProfile, Range, choose
 from .unet_config import UNetConfig, check_image_size
 
-SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m_karras": "DPM++ 2M Karras", "ddim": "DDIM"}
+# our schedulers as A1111 (1.9+) names them in an infotext: (Sampler, Schedule type)
+SAMPLERS = {"euler": ("Euler", "Automatic"), "euler_a": ("Euler a", "Automatic"),
+            "dpmpp_2m_karras": ("DPM++ 2M", "Karras"), "ddim": ("DDIM", "Automatic")}
 DEVICES = ("gpu", "cpu")
 NO_GPU = ("a GPU is needed to run the TensorRT engines, and none is usable here: {reason}. To look at the "
           "engines' networks on the CPU instead, use device=\"cpu\" (`python -m trt_sdxl.generate --cpu ...`)")
@@ -129,6 +131,20 @@ class Generator:
         return self._loaded.width
 
     @property
+    def model_name(self) -> str:
+        return self._loaded.model_name
+
+    @property
+    def model_hash(self) -> str:
+        """The UNet checkpoint's fingerprint, short (A1111's `Model hash`)."""
+        return self._loaded.model_hash
+
+    @property
+    def max_chunks(self) -> int | None:
+        """The longest prompt the networks take, in 75-token chunks (None: any)."""
+        return self._loaded.max_chunks
+
+    @property
     def where(self) -> str:
         """What runs the networks, e.g. 'CPU (netexec, numpy)' or the GPU and TensorRT version."""
         return self._loaded.where
@@ -202,7 +218,8 @@ class Generator:
         images = []
         for i in range(batch):
             fields = {"prompt": prompt, "negative_prompt": negative_prompt or "", "steps": steps,
-                      "sampler": SAMPLERS[scheduler], "cfg_scale": cfg, "seed": seed + i,
+                      "sampler": SAMPLERS[scheduler][0], "schedule_type": SAMPLERS[scheduler][1],
+                      "cfg_scale": cfg, "seed": seed + i,
                       "width": width, "height": height, "model_hash": loaded.model_hash,
                       "model": loaded.model_name, "batch_size": batch, "batch_pos": i}
             images.append(Image(rgb[i], seed + i, infotext(fields), fields))
@@ -238,7 +255,8 @@ def infotext(fields: dict) -> str:
     lines = [fields["prompt"]]
     if fields.get("negative_prompt"):
         lines.append(f"Negative prompt: {fields['negative_prompt']}")
-    pairs = [("Steps", fields["steps"]), ("Sampler", fields["sampler"]), ("CFG scale", f"{fields['cfg_scale']:g}"),
+    pairs = [("Steps", fields["steps"]), ("Sampler", fields["sampler"]),
+             ("Schedule type", fields.get("schedule_type", "Automatic")), ("CFG scale", f"{fields['cfg_scale']:g}"),
              ("Seed", fields["seed"]), ("Size", f"{fields['width']}x{fields['height']}"),
              ("Model hash", fields["model_hash"]), ("Model", fields["model"])]
     if fields.get("batch_size", 1) > 1:  # A1111 records these for batches only

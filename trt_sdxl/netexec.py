@@ -290,14 +290,10 @@ def _convolution(layer, inputs):
     window_axes = [1] + list(range(2 + nsp, 2 + 2 * nsp))
     kernel_axes = [1] + list(range(2, 2 + nsp))
     for g in range(groups):
-        # tensordot copies the windows into an im2col matrix and runs one float32 GEMM, per sample: the
-        # GEMM's blocking (and so its float32 rounding) then does not depend on the batch size, so a row's
-        # result does not depend on the rows beside it (an image of a batch equals the image made alone).
-        group_kernel = kernel[g * kg : (g + 1) * kg]
-        for b in range(n):
-            part = np.tensordot(windows[b, g * cg : (g + 1) * cg], group_kernel,
-                                ([a - 1 for a in window_axes], kernel_axes))
-            out[b, g * kg : (g + 1) * kg] = np.moveaxis(part, -1, 0)  # [*O, K/G] -> [K/G, *O]
+        # tensordot copies the windows into an im2col matrix and runs one float32 GEMM.
+        group_windows, group_kernel = windows[:, g * cg : (g + 1) * cg], kernel[g * kg : (g + 1) * kg]
+        part = np.tensordot(group_windows, group_kernel, (window_axes, kernel_axes))
+        out[:, g * kg : (g + 1) * kg] = np.moveaxis(part, -1, 1)  # [N, *O, K/G] -> [N, K/G, *O]
     if bias.size:
         out += _f32(bias).reshape((1, maps) + (1,) * nsp)
     return [out]
