@@ -25,7 +25,8 @@ FLOORS = [  # bottom first
     ("executors", "denoising", "runtime"),
     ("pipeline", "calibration"),
     ("generator",),
-    ("build", "generate", "__init__"),
+    ("triton",),
+    ("build", "generate", "serve", "export", "__init__"),
 ]
 FLOOR = {name: level for level, names in enumerate(FLOORS) for name in names}
 
