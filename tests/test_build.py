@@ -644,3 +644,67 @@ def test_8bit_engine_with_dynamic_shapes_builds_from_the_opt_shape(int8_build, t
     assert (fp8 / entry["file"]).is_file()
     report = json.loads((fp8 / "build_report.json").read_text())["unet"]
     assert report["fusion_lint"]["findings"] == 0 and report["quantization"]["recipe"] == "fp8_gemm"
+
+
+# ---------------------------------------------------------------- LoRAs merged at build
+
+
+def tiny_default_lora(path: Path, seed: int = 3) -> Path:
+    """A kohya-format LoRA on the tiny default: the first transformer's attn1 to_q/to_v in the UNet (diffusers
+    module paths with `_`) and the first layer's q_proj of each text encoder, rank 4, alpha 4."""
+    from safetensors.numpy import save_file
+
+    from trt_sdxl import weights
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    targets = [("unet", "lora_unet_", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
+               ("unet", "lora_unet_", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v"),
+               ("text_encoder", "lora_te1_", "text_model.encoder.layers.0.self_attn.q_proj"),
+               ("text_encoder_2", "lora_te2_", "text_model.encoder.layers.0.self_attn.q_proj")]
+    for component, prefix, module in targets:
+        out_f, in_f = weights.open_component(DEFAULT_MODEL, component).shape(f"{module}.weight")
+        name = prefix + module.replace(".", "_")
+        tensors[f"{name}.lora_down.weight"] = rng.standard_normal((4, in_f)).astype(np.float16)
+        tensors[f"{name}.lora_up.weight"] = (0.5 * rng.standard_normal((out_f, 4))).astype(np.float16)
+        tensors[f"{name}.alpha"] = np.array(4.0, np.float16)
+    save_file(tensors, path)
+    return path
+
+
+def test_lora_merged_at_build_and_again_on_the_cpu(default_build, tmp_path):
+    """`--lora FILE:0.8`: the engines' weights carry the LoRA (their fingerprint says so), the folder keeps
+    a copy and the manifest the scale, `generate --cpu` merges it again (its image differs from the base's
+    and equals the library's on the same folder), and a LoRA on a component the build leaves out is refused."""
+    from trt_sdxl import Generator
+
+    base, proc = default_build
+    assert proc.returncode == 0, proc.stderr
+    lora_file = tiny_default_lora(tmp_path / "style.safetensors")
+    out = tmp_path / "engines"
+    proc = run_cli("--out", str(out), "--lora", f"{lora_file}:0.8")
+    assert proc.returncode == 0, proc.stderr
+    assert "unet: 618 tensors" in proc.stderr and proc.stderr.count("; LoRA merged") == 3, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["loras"] == [{"file": "model/loras/style.safetensors", "scale": 0.8,
+                                  "components": ["text_encoder", "text_encoder_2", "unet"]}]
+    assert (out / "model" / "loras" / "style.safetensors").read_bytes() == lora_file.read_bytes()
+    base_manifest = json.loads((base / "manifest.json").read_text())
+    for component in ("text_encoder", "text_encoder_2", "unet"):
+        assert manifest["engines"][component]["checkpoint_fingerprint"] != \
+            base_manifest["engines"][component]["checkpoint_fingerprint"], component
+    assert manifest["engines"]["vae"]["checkpoint_fingerprint"] == base_manifest["engines"]["vae"]["checkpoint_fingerprint"]
+    with Generator.load(out, device="cpu") as g, Generator.load(base, device="cpu") as plain:
+        (styled,) = g.generate("a photo of a sneaker", steps=4, seed=5)
+        (unstyled,) = plain.generate("a photo of a sneaker", steps=4, seed=5)
+    assert not np.array_equal(styled.rgb, unstyled.rgb)
+    png = tmp_path / "cli.png"
+    cli = subprocess.run([sys.executable, "-m", "trt_sdxl.generate", "--cpu", "--engines", str(out), "a photo of a sneaker",
+                          "--steps", "4", "--seed", "5", "--out", str(png)], capture_output=True, text=True, cwd=REPO)
+    assert cli.returncode == 0, cli.stderr
+    from PIL import Image
+
+    np.testing.assert_array_equal(np.asarray(Image.open(png).convert("RGB")), styled.rgb)
+    refused = run_cli("--out", str(tmp_path / "unet-only"), "--components", "unet", "--lora", str(lora_file))
+    assert "--lora: the LoRAs modify text_encoder, text_encoder_2, which this build does not build" in \
+        one_error_line(refused)

@@ -17,7 +17,7 @@ FLOORS = [  # bottom first
     ("errors", "files", "log", "components", "configs", "reference", "version"),
     ("unet_config", "shapes", "tokenizer", "weighting", "png", "schedulers", "kernels"),
     ("backend", "keymap"),
-    ("dtypes", "weights", "netexec"),
+    ("dtypes", "weights", "netexec", "lora"),
     ("quant", "engines"),
     ("support", "fusion_lint"),
     ("layers",),

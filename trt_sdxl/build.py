@@ -37,7 +37,6 @@ from . import backend
 from .version import __version__
 from .components import COMPONENTS, DEFAULT_MODEL, ENCODERS, TOKENIZER_FOLDERS
 from . import configs, fusion_lint, shapes, support
-from .calibration.workflow import BuildEngines
 from .engines import (EIGHT_BIT_OPTIMIZATION_LEVEL, build_engine, check_target_takes, choose_target, engine_filename,
                       fused_attention_check, present_gpu, tensor_specs)
 from .errors import UserError, run_cli
@@ -52,6 +51,7 @@ DEFAULT_OUT = Path("engines")
 PRECISIONS = ("auto",) + support.PRECISIONS + support.OTHER_RECIPES
 TEXT_PRECISION = "fp16"
 MODEL_FOLDER = "model"  # the model copy inside an engines folder
+LORA_FOLDER = "loras"  # inside the model copy: the LoRA files merged into the engines
 CALIBRATION_FILE = "calibration.npz"
 STATS_CACHE = ".calibration-stats.npz"  # a finished calibration kept until the build that tunes it succeeds
 log = logger("trt_sdxl.build")
@@ -230,10 +230,11 @@ class EngineJob:
 
 
 def plan_engines(model, components: tuple[str, ...], precision: str, vae_precision: str,
-                 batch: int) -> dict[str, EngineJob]:
+                 batch: int, lora_set=None) -> dict[str, EngineJob]:
     """Open every component's weights (and the text encoders' tokenizers): a missing or broken one
-    is a UserError here, before anything is defined or built."""
-    from . import weights
+    is a UserError here, before anything is defined or built. `lora_set` (trt_sdxl.lora): LoRAs merged
+    into the weights as they are read, before SmoothQuant and quantization."""
+    from . import lora, weights
 
     precisions = {"text_encoder": TEXT_PRECISION, "text_encoder_2": TEXT_PRECISION, "unet": precision,
                   "vae": vae_precision}
@@ -241,11 +242,16 @@ def plan_engines(model, components: tuple[str, ...], precision: str, vae_precisi
     for component in components:
         start = time.perf_counter()
         log(f"{component}: opening weights")
-        checkpoint = weights.open_component(model, component)
+        checkpoint = lora.merged(weights.open_component(model, component), lora_set)
+        merged = component in (lora_set.components() if lora_set else ())
         log(f"{component}: {len(checkpoint.keys())} tensors, {checkpoint.weight_bytes / 2**20:.1f} MiB "
-            f"({time.perf_counter() - start:.1f} s)")
+            f"({time.perf_counter() - start:.1f} s)" + ("; LoRA merged" if merged else ""))
         jobs[component] = EngineJob(component, precisions[component], 2 * batch if component == "unet" else batch,
                                     checkpoint)
+    missing = sorted((lora_set.components() if lora_set else set()) - set(jobs))
+    if missing:
+        raise UserError(f"--lora: the LoRAs modify {', '.join(missing)}, which this build does not build (--components "
+                        f"{','.join(jobs)}): build them too, or the engines would not all carry the LoRA")
     for component in [c for c in jobs if c in ENCODERS]:
         jobs[component].tokenizer = check_tokenizer(model, component, jobs[component].checkpoint)
     if "vae" in jobs:
@@ -384,7 +390,7 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
           width: int | None = None, target: str | None = None, components=COMPONENTS,
           vae_precision: str = "fp32", calibration: str | None = None, calibration_prompts: str | None = None,
           calibration_steps: int = 20, engines: bool = True, optimization_level: int | None = None,
-          resolutions: list[str] | None = None, prompt_chunks: int | str = 1) -> dict:
+          resolutions: list[str] | None = None, prompt_chunks: int | str = 1, loras: list[str] | None = None) -> dict:
     """Build the engines of `components`; returns the manifest written to `out/manifest.json`.
 
     `precision` goes through the recipe matrix (trt_sdxl.support: `auto`, refusals, what this backend
@@ -392,7 +398,9 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
     folder — manifest, calibration table, report, model copy — without engine files, for any
     precision: `generate --cpu` runs it. `optimization_level`: the builder's; default 4 for an 8-bit
     UNet (as NVIDIA builds them), TensorRT's own (3) otherwise. `batch` ("4" or a range "1-4"),
-    `resolutions` (one profile each) and `prompt_chunks` give the engines' shapes (module docstring)."""
+    `resolutions` (one profile each) and `prompt_chunks` give the engines' shapes (module docstring).
+    `loras`: `FILE[:SCALE]` LoRAs merged into the weights before anything is defined (trt_sdxl.lora); the
+    folder keeps a copy of each, so `generate --cpu` runs the merged networks too."""
     out = Path(out)
     check_output_folder(out)
     components = check_arguments(components, precision, vae_precision, batch, calibration_steps, optimization_level,
@@ -412,7 +420,11 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
         f"batch {batch} (unet {2 * shapes.parse_range(batch, '--batch').opt}: uncond + cond)")
 
     # Everything a user can get wrong is found before the builder runs.
-    jobs = plan_engines(model, components, precision, vae_precision, shapes.parse_range(batch, "--batch").opt)
+    from . import lora
+
+    lora_set = lora.LoRASet.load(loras) if loras else None
+    jobs = plan_engines(model, components, precision, vae_precision, shapes.parse_range(batch, "--batch").opt,
+                        lora_set)
     profiles = image_profiles(model, jobs, resolutions, batch, prompt_chunks, height, width)
     opt = profiles[0]
     batch, height, width = opt.batch.opt, opt.height.opt, opt.width.opt
@@ -442,6 +454,8 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
         define(job, "fp16" if job.component == "unet" and eight_bit else job.precision)
     table, lint = None, []
     # what the engines are built as, with the run's timing cache and the engines a GPU calibration built for it
+    from .calibration.workflow import BuildEngines  # here: an FP16 build does not pay for the calibration imports
+
     for_folder = BuildEngines(target, batch, optimization_level, vae_precision, dynamic=dynamic) if engines else None
     if eight_bit:
         from .calibration.workflow import calibrate_and_tune
@@ -452,7 +466,8 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
         table = calibrate_and_tune(model, jobs["unet"].checkpoint, precision, height=height, width=width,
                                    calibration=calibration, prompts_file=calibration_prompts,
                                    steps=calibration_steps, stats_cache=out / STATS_CACHE, engines=for_folder,
-                                   log=log)
+                                   log=log, checkpoints={c: job.checkpoint for c, job in jobs.items()} if lora_set
+                                   else None)
         define(jobs["unet"], precision, table)
         lint = fusion_lint.lint(jobs["unet"].network.network)
         log(f"unet: fusion lint: {len(lint)} findings" + "".join(f"\n  {f}" for f in lint[:10])
@@ -468,6 +483,11 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
     manifest.setdefault("engines", {})
     report = read_manifest(out / "build_report.json")
     copied, weights_in = model_copy(model, jobs)
+    lora_entries = []
+    for f in lora_set.files if lora_set else ():
+        rel = f"{LORA_FOLDER}/{f.path.name}"
+        copied[rel] = f.path
+        lora_entries.append({"file": f"{MODEL_FOLDER}/{rel}", "scale": f.scale, "components": sorted(f.modules)})
     staged: dict[str, Path] = {}  # final file name -> its temporary file, renamed once all engines are built
     staging = None
     try:
@@ -520,6 +540,7 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
     elif "unet" in jobs:
         manifest.pop("calibration", None)
     folder = Path(model).expanduser()
+    manifest["loras"] = lora_entries  # merged into the engines' weights; generate --cpu merges them again
     manifest.update({"model": MODEL_FOLDER, "model_name": folder.name if folder.is_dir() else folder.stem,
                      "model_weights": weights_in and (manifest.get("model_weights", True) or set(jobs) == set(COMPONENTS))})
     warn_mixed_builds(manifest, jobs, profiles, target)
@@ -760,6 +781,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="image sizes the engines serve: a range of sides (768-1344), sizes WIDTHxHEIGHT "
                         f"(1024x1024,832x1216) or {shapes.BUCKETS_NAME}; repeat for one optimization profile each "
                         "(default: one size, --height x --width); the first size is the opt shape")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="merge a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) at SCALE (default 1) into the "
+                        "UNet and text encoders before quantization; repeatable")
     p.add_argument("--prompt-chunks", default="1", metavar="N",
                    help="prompts up to N x 75 tokens (generate --long-prompts; default 1: 75 tokens)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
@@ -786,7 +810,7 @@ def main(argv=None) -> int:
         calibration=args.calibration, calibration_prompts=args.calibration_prompts,
         calibration_steps=args.calibration_steps, engines=not args.no_engines,
         optimization_level=args.optimization_level, resolutions=args.resolutions,
-        prompt_chunks=args.prompt_chunks), "nothing was left half-written")
+        prompt_chunks=args.prompt_chunks, loras=args.lora), "nothing was left half-written")
 
 
 if __name__ == "__main__":

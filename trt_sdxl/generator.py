@@ -294,9 +294,11 @@ def _cpu_denoise(pipeline: Pipeline):
     return denoise
 
 
-def _cpu_networks(model: Path, specs: dict, log: Log):
+def _cpu_networks(model: Path, specs: dict, log: Log, lora_set=None):
     """NetexecExecutors of the four networks `specs` describes: component -> (precision, engine batch,
-    latent h, latent w, calibration table or None, image profiles or None)."""
+    latent h, latent w, calibration table or None, image profiles or None); `lora_set`: the LoRAs the
+    engines were built with, merged again (trt_sdxl.lora)."""
+    from . import lora, weights
     from .executors import NetexecExecutor
     from .models import clip, unet, vae
 
@@ -304,15 +306,16 @@ def _cpu_networks(model: Path, specs: dict, log: Log):
     run = {}
     for component in COMPONENTS:
         precision, batch, latent_h, latent_w, table, profiles = specs[component]
+        source = lora.merged(weights.open_component(model, component), lora_set) if lora_set else model
         if component in ENCODERS:
-            run[component] = NetexecExecutor(clip.define(model, ENCODERS[component], batch=batch, precision=precision,
+            run[component] = NetexecExecutor(clip.define(source, ENCODERS[component], batch=batch, precision=precision,
                                                          profiles=profiles))
         elif component == "unet":
-            run[component] = NetexecExecutor(unet.define(model, precision=precision, batch=batch,
+            run[component] = NetexecExecutor(unet.define(source, precision=precision, batch=batch,
                                                          latent_height=latent_h, latent_width=latent_w,
                                                          calibration=table, profiles=profiles))
         else:
-            run[component] = NetexecExecutor(vae.define(model, precision=precision, batch=batch,
+            run[component] = NetexecExecutor(vae.define(source, precision=precision, batch=batch,
                                                         latent_height=latent_h, latent_width=latent_w,
                                                         profiles=profiles))
     log(f"networks defined from {model} ({time.perf_counter() - started:.1f} s)")
@@ -367,7 +370,7 @@ def _load_cpu(folder, log: Log) -> _Loaded:
         batch = int(entry.get("cfg_batch" if c == "unet" else "batch", 1))
         profiles = folder.profiles(entry) if entry.get("profiles") else None
         specs[c] = (entry["precision"], batch, lh, lw, table if c == "unet" else None, profiles)
-    run = _cpu_networks(model, specs, log)
+    run = _cpu_networks(model, specs, log, folder.lora_set())
     tokenizers = open_tokenizers(model)
     settings = ModelSettings.read(model)
     pipeline = _pipeline(run, run["unet"], tokenizers, settings)

@@ -27,8 +27,6 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from .errors import UserError
-
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 BLOCK_SIZE = 256
 MAX_BLOCKS = 65535  # the kernels loop with a grid stride, so fewer blocks than elements is fine

@@ -115,6 +115,11 @@ class NetworkFactory:
         self.run, self.expensive = run, expensive
         self.vae_precision = vae_precision
         self.attention_check = attention_check  # for the network the build writes, as the build defines it
+        # opened components to define from instead of `model` (the build's, with its LoRAs merged)
+        self.checkpoints: dict = {}
+
+    def source(self, kind: str):
+        return self.checkpoints.get(kind, self.model)
 
     def __call__(self, kind: str, images: int | None = None, for_build: bool = False, **options):
         from ..models import clip, unet, vae
@@ -124,13 +129,13 @@ class NetworkFactory:
         if kind == "unet":
             if for_build and self.attention_check is not None:
                 options = {**options, "attention_check": self.attention_check}
-            defined = unet.define(self.model, batch=2 * images, latent_height=latent_h, latent_width=latent_w,
-                                  **options)
+            defined = unet.define(self.source(kind), batch=2 * images, latent_height=latent_h,
+                                  latent_width=latent_w, **options)
         elif kind.startswith("text_encoder"):
-            defined = clip.define(self.model, encoder=2 if kind.endswith("_2") else 1, batch=images)
+            defined = clip.define(self.source(kind), encoder=2 if kind.endswith("_2") else 1, batch=images)
         elif kind == "vae":
-            defined = vae.define(self.model, precision=self.vae_precision, batch=images, latent_height=latent_h,
-                                 latent_width=latent_w)
+            defined = vae.define(self.source(kind), precision=self.vae_precision, batch=images,
+                                 latent_height=latent_h, latent_width=latent_w)
         else:
             raise ValueError(kind)
         return self.run(defined, kind, images, for_build)
@@ -247,7 +252,7 @@ def calibrate_and_tune(model, unet_component, recipe: str, *, height: int, width
                        scheduler: str = "euler", cfg: float = 5.0, seed: int = 0, factory=None,
                        batch: int = CALIBRATION_BATCH, tune_steps: int = TUNE_STEPS,
                        stats_cache: Path | None = None, engines: BuildEngines | None = None,
-                       log: Log = silent) -> CalibrationTable:
+                       log: Log = silent, checkpoints: dict | None = None) -> CalibrationTable:
     """The table for `recipe`: read from `calibration` (tuned now if it lacks `recipe`), or measured
     (`batch` prompts per UNet call). A recipe with fixed parameters (NVIDIA's) takes them as they
     are; the others are tuned on the held-aside prompts with `tune_steps`-step runs: in image space
@@ -269,6 +274,8 @@ def calibrate_and_tune(model, unet_component, recipe: str, *, height: int, width
     latent = tuple(table.meta["latent_shape"]) if table is not None else (4, height // 8, width // 8)
     if factory is None:
         factory = default_factory(model, unet_component, recipe, 1, latent[1], latent[2], log, engines)
+    if checkpoints:  # the build's opened components (LoRAs merged): calibrate what the build writes
+        factory.checkpoints = dict(checkpoints)
     per_layer = getattr(factory, "expensive", False)
     tuned = check_recipe(recipe).get("fixed") is None
     encode = text_conditioning(model, factory, 8 * latent[1], 8 * latent[2])

@@ -81,6 +81,9 @@ class EnginesFolder:
                 flags["prompt_chunks"] = profiles[0].chunks.hi
         else:
             flags.update({"height": (unet or vae).get("image_height"), "width": (unet or vae).get("image_width")})
+        loras = [f"{self.folder / e['file']}:{e['scale']:g}" for e in self.manifest.get("loras") or []]
+        if loras:
+            flags["lora"] = loras
         flags.update(overrides)
         parts = [BUILD]
         for name, value in flags.items():
@@ -175,6 +178,19 @@ class EnginesFolder:
                             "is too large for the CPU preview, which netexec would take hours on); run the engines "
                             "on a GPU")
         return folder
+
+    def lora_set(self):
+        """The LoRAs merged into the engines (their copies in the folder), as a trt_sdxl.lora.LoRASet; None."""
+        entries = self.manifest.get("loras") or []
+        if not entries:
+            return None
+        from ..lora import LoRASet
+
+        missing = [e["file"] for e in entries if not (self.folder / e["file"]).is_file()]
+        if missing:
+            raise UserError(f"{self.folder / missing[0]}: the LoRA the engines were built with is missing; rebuild "
+                            f"with `{self.rebuild_command()}`")
+        return LoRASet.load([(self.folder / e["file"], float(e["scale"])) for e in entries])
 
     def calibration_path(self) -> Path:
         path = self.folder / str(self.manifest.get("calibration") or "calibration.npz")
