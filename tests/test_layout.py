@@ -21,7 +21,7 @@ FLOORS = [  # bottom first
     ("quant", "engines"),
     ("support", "fusion_lint"),
     ("layers",),
-    ("models",),
+    ("models", "refit"),
     ("executors", "denoising", "runtime"),
     ("pipeline", "calibration"),
     ("generator",),

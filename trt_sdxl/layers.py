@@ -49,6 +49,21 @@ class MacRecord:
     quantized: bool = False
 
 
+@dataclass(frozen=True)
+class RefitEntry:
+    """How one weight of the network comes from the checkpoint (the refit map): tensor `key` read as
+    `dtype` in its stored `shape`, times `scale` (in float32, then `dtype` again) where that is not 1,
+    reshaped to `bound_shape`; `transform` names what the quant plan does to it besides ("smoothed",
+    "smoothed+quantized", "norm fold"): None for a network without one."""
+
+    key: str
+    dtype: str
+    shape: tuple
+    bound_shape: tuple
+    scale: float = 1.0
+    transform: str | None = None
+
+
 @dataclass
 class Definition:
     """A network being defined: builder, network, the weights it binds, and its bookkeeping.
@@ -75,6 +90,8 @@ class Definition:
     # BMMs and its name goes into attention_fallbacks
     attention_check: object = None
     attention_fallbacks: list[str] = field(default_factory=list)
+    # weight name (the constant layer's, or `<conv>.weight`/`.bias` for a convolution's own weights) -> RefitEntry
+    refit: dict[str, RefitEntry] = field(default_factory=dict)
     _keep: list[np.ndarray] = field(default_factory=list, repr=False)
 
     @property
@@ -93,6 +110,12 @@ class Definition:
     def weight_dtype(self):
         """numpy dtype of the arrays handed to TensorRT as weights (see WEIGHT_DTYPES)."""
         return WEIGHT_DTYPES.get(self.precision, self.dtype)
+
+    def bound(self, name: str, key: str, shape: tuple, bound_shape: tuple, scale: float = 1.0,
+              transform: str | None = None) -> None:
+        """Record in the refit map that weight `name` is checkpoint tensor `key`, transformed so."""
+        self.refit[name] = RefitEntry(key, np.dtype(self.weight_dtype).name, tuple(shape), tuple(bound_shape),
+                                      float(scale), transform)
 
     def keep(self, array: np.ndarray) -> np.ndarray:
         self._keep.append(array)
@@ -414,6 +437,10 @@ def conv2d(d: Definition, x, path: str, out_channels: int, kernel: int, stride: 
     weight = d.param(f"{path}.weight", (out_channels, c, kernel, kernel))
     bias_array = d.param(f"{path}.bias", (out_channels,)) if bias else None
     quantized = d.quant is not None and d.quant.is_quantized(path) and d.quant.qdq
+    d.bound(f"{path}.weight", f"{path}.weight", weight.shape, weight.shape,
+            transform="smoothed+quantized" if quantized else None)
+    if bias:
+        d.bound(f"{path}.bias", f"{path}.bias", bias_array.shape, bias_array.shape)
     if quantized:
         trt = backend.trt()
         layer = d.network.add_convolution_nd(_quantized_input(d, x, path), out_channels, (kernel, kernel),
@@ -457,6 +484,8 @@ def linear(d: Definition, x, path: str, out_features: int, bias: bool = True, we
     rank = len(dims)
     w_shape = (1,) * (rank - 2) + weight.shape
     eight_bit = quantized and d.quant.qdq
+    d.bound(f"{path}.weight", f"{path}.weight", weight.shape, w_shape, weight_scale,
+            "smoothed+quantized" if eight_bit else ("smoothed" if d.quant is not None else None))
     if quantized:
         x = _quantized_input(d, x, path)  # smoothing's explicit 1/s where needed, then Q/DQ
     if eight_bit:
@@ -473,7 +502,10 @@ def linear(d: Definition, x, path: str, out_features: int, bias: bool = True, we
             b = d.keep((b.astype(np.float32) * weight_scale).astype(d.weight_dtype))
         if d.quant is not None:
             b = d.keep(d.quant.transform_bias(path, b))
-        y = add(d, y, weight_tensor(d, b.reshape((1,) * (rank - 1) + (out_features,))), name=f"{path}.bias")
+        d.bound(f"{path}.bias", f"{path}.bias", (out_features,), (1,) * (rank - 1) + (out_features,), weight_scale,
+                "smoothed" if d.quant is not None else None)
+        y = add(d, y, weight_tensor(d, b.reshape((1,) * (rank - 1) + (out_features,)), name=f"{path}.bias"),
+                name=f"{path}.bias.add")
     return y
 
 
@@ -485,8 +517,12 @@ def group_norm(d: Definition, x, path: str, groups: int, eps: float):
     beta = d.param(f"{path}.bias", (c,)).reshape(1, c, 1, 1)
     if d.quant is not None:
         gamma, beta = (d.keep(a) for a in d.quant.fold_norm(path, gamma, beta))
+    for part in ("weight", "bias"):
+        d.bound(f"{path}.{part}", f"{path}.{part}", (c,), (1, c, 1, 1),
+                transform="norm fold" if d.quant is not None else None)
     if be.has_normalization_v2:
-        layer = be.add_normalization(d.network, x, weight_tensor(d, gamma), weight_tensor(d, beta), 0b1100)
+        layer = be.add_normalization(d.network, x, weight_tensor(d, gamma, f"{path}.weight"),
+                                     weight_tensor(d, beta, f"{path}.bias"), 0b1100)
         layer.num_groups = groups
         layer.epsilon = eps
         return _named(layer, path)
@@ -497,7 +533,8 @@ def group_norm(d: Definition, x, path: str, groups: int, eps: float):
     layer.num_groups = groups
     layer.epsilon = eps
     y = _named(layer, path)
-    return add(d, mul(d, y, weight_tensor(d, gamma)), weight_tensor(d, beta), name=f"{path}.affine")
+    return add(d, mul(d, y, weight_tensor(d, gamma, f"{path}.weight")), weight_tensor(d, beta, f"{path}.bias"),
+               name=f"{path}.affine")
 
 
 def layer_norm(d: Definition, x, path: str, eps: float = 1e-5):
@@ -509,8 +546,11 @@ def layer_norm(d: Definition, x, path: str, eps: float = 1e-5):
     beta = d.param(f"{path}.bias", (c,)).reshape((1,) * (rank - 1) + (c,))
     if d.quant is not None:
         gamma, beta = (d.keep(a) for a in d.quant.fold_norm(path, gamma, beta))
-    layer = backend.get().add_normalization(d.network, x, weight_tensor(d, gamma), weight_tensor(d, beta),
-                                            1 << (rank - 1))
+    for part in ("weight", "bias"):
+        d.bound(f"{path}.{part}", f"{path}.{part}", (c,), (1,) * (rank - 1) + (c,),
+                transform="norm fold" if d.quant is not None else None)
+    layer = backend.get().add_normalization(d.network, x, weight_tensor(d, gamma, f"{path}.weight"),
+                                            weight_tensor(d, beta, f"{path}.bias"), 1 << (rank - 1))
     layer.epsilon = eps
     return _named(layer, path)
 
@@ -652,6 +692,7 @@ def multi_head_attention(d: Definition, x, context, path: str, heads: int, qkv_b
 def embedding(d: Definition, ids, path: str, num: int, dim: int, name: str | None = None):
     """Row lookup: `<path>.weight` [num, dim] gathered by integer ids [...] -> [..., dim]."""
     table = weight_tensor(d, d.param(f"{path}.weight", (num, dim)), name=f"{path}.weight")
+    d.bound(f"{path}.weight", f"{path}.weight", (num, dim), (num, dim))
     return _named(d.network.add_gather(table, ids, 0), name or path)
 
 
