@@ -21,12 +21,12 @@ FLOORS = [  # bottom first
     ("quant", "engines"),
     ("support", "fusion_lint"),
     ("layers",),
-    ("models", "refit"),
+    ("models", "refit_map"),
     ("executors", "denoising", "runtime"),
     ("pipeline", "calibration"),
     ("generator",),
     ("triton",),
-    ("build", "generate", "serve", "export", "__init__"),
+    ("build", "generate", "serve", "export", "refit", "__init__"),
 ]
 FLOOR = {name: level for level, names in enumerate(FLOORS) for name in names}
 

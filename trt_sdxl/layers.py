@@ -29,6 +29,7 @@ import numpy as np
 
 from . import backend, dtypes
 from .errors import UserError
+from .quant.plan import weight_scales
 from .quant.recipe import QMAX
 
 # numpy dtype of the tensors a network computes in, by precision name
@@ -49,12 +50,19 @@ class MacRecord:
     quantized: bool = False
 
 
+# What a weight of the refit map is: a linear or convolution weight (what a LoRA changes), the quantization
+# scale of an 8-bit one (recomputed from it), a bias, a norm's affine, an embedding table.
+REFIT_ROLES = ("weight", "weight scale", "bias", "norm", "embedding")
+
+
 @dataclass(frozen=True)
 class RefitEntry:
     """How one weight of the network comes from the checkpoint (the refit map): tensor `key` read as
     `dtype` in its stored `shape`, times `scale` (in float32, then `dtype` again) where that is not 1,
-    reshaped to `bound_shape`; `transform` names what the quant plan does to it besides ("smoothed",
-    "smoothed+quantized", "norm fold"): None for a network without one."""
+    then through the quant plan where `transform` says so ("smoothed": a weight's SmoothQuant factor and
+    row divisor, or a bias's row divisor; "norm fold": a norm affine's 1/s), reshaped to `bound_shape`.
+    A "weight scale" entry is the quantization scale of the weight named `of`, computed from it.
+    trt_sdxl.refit_map recomputes every entry this way (tests/test_refit_map.py)."""
 
     key: str
     dtype: str
@@ -62,6 +70,8 @@ class RefitEntry:
     bound_shape: tuple
     scale: float = 1.0
     transform: str | None = None
+    role: str = "weight"
+    of: str | None = None
 
 
 @dataclass
@@ -90,7 +100,8 @@ class Definition:
     # BMMs and its name goes into attention_fallbacks
     attention_check: object = None
     attention_fallbacks: list[str] = field(default_factory=list)
-    # weight name (the constant layer's, or `<conv>.weight`/`.bias` for a convolution's own weights) -> RefitEntry
+    # the refit map: weight name -> RefitEntry. The name is the constant layer's, or `<conv>.weight`/`.bias` for
+    # a convolution's own weights, and TensorRT's refitter knows the weight by it too (set_weights_name)
     refit: dict[str, RefitEntry] = field(default_factory=dict)
     _keep: list[np.ndarray] = field(default_factory=list, repr=False)
 
@@ -112,10 +123,18 @@ class Definition:
         return WEIGHT_DTYPES.get(self.precision, self.dtype)
 
     def bound(self, name: str, key: str, shape: tuple, bound_shape: tuple, scale: float = 1.0,
-              transform: str | None = None) -> None:
-        """Record in the refit map that weight `name` is checkpoint tensor `key`, transformed so."""
-        self.refit[name] = RefitEntry(key, np.dtype(self.weight_dtype).name, tuple(shape), tuple(bound_shape),
-                                      float(scale), transform)
+              transform: str | None = None, role: str = "weight", of: str | None = None, dtype=None) -> None:
+        """Record in the refit map that weight `name` is checkpoint tensor `key`, transformed so (before the
+        weight is added to the network: `constant` names it for TensorRT's refitter)."""
+        if role not in REFIT_ROLES:
+            raise ValueError(f"refit role {role!r}: expected one of {REFIT_ROLES}")
+        self.refit[name] = RefitEntry(key, np.dtype(dtype or self.weight_dtype).name, tuple(shape),
+                                      tuple(bound_shape), float(scale), transform, role, of)
+
+    def name_weights(self, weights, name: str) -> None:
+        """Give TensorRT's refitter the weights `name` (INetworkDefinition.set_weights_name)."""
+        if not self.network.set_weights_name(weights, name):
+            raise ValueError(f"{name}: TensorRT refused it as a weights name (two weights named alike?)")
 
     def keep(self, array: np.ndarray) -> np.ndarray:
         self._keep.append(array)
@@ -205,8 +224,12 @@ def _named(layer, name: str | None):
 
 
 def constant(d: Definition, array: np.ndarray, name: str | None = None):
+    """A constant tensor of `array`; one the refit map lists under `name` carries that weights name."""
     array = d.keep(np.ascontiguousarray(array))
-    return _named(d.network.add_constant(array.shape, array), name)
+    layer = d.network.add_constant(array.shape, array)
+    if name is not None and name in d.refit:
+        d.name_weights(layer.weights, name)
+    return _named(layer, name)
 
 
 def weight_tensor(d: Definition, array: np.ndarray, name: str | None = None):
@@ -334,15 +357,15 @@ def slice_axis(d: Definition, x, axis: int, start: int, size: int, name=None):
 
 
 def quantize_dequantize(d: Definition, x, scale, fmt: str, axis: int | None = None, name: str | None = None,
-                        to=None):
+                        to=None, scale_name: str | None = None):
     """Q/DQ pair: x -> int8/fp8 with `scale` (scalar: per tensor; vector: per channel on `axis`) -> x's
-    type, or the numpy dtype `to`.
+    type, or the numpy dtype `to`. `scale_name`: the scale constant's name (a weight's, in the refit map).
 
     Quantize is round-half-to-even with saturation (INT8 to [-128, 127], FP8 e4m3 to ±448).
     """
     trt = backend.trt()
     scale = np.asarray(scale, np.float32)
-    s = constant(d, scale.reshape(()) if axis is None else scale.reshape(-1))
+    s = constant(d, scale.reshape(()) if axis is None else scale.reshape(-1), scale_name)
     q = d.network.add_quantize(x, s, trt.int8 if fmt == "int8" else trt.fp8)
     dq = d.network.add_dequantize(q.get_output(0), s, x.dtype if to is None else trt_dtype(to))
     if axis is not None:
@@ -355,12 +378,13 @@ def quantize_dequantize(d: Definition, x, scale, fmt: str, axis: int | None = No
 
 def _quantized_weight(d: Definition, path: str, weight: np.ndarray):
     """A weight [O, ...] quantized per output channel (axis 0) or per tensor, as the recipe says,
-    dequantized to the compute dtype."""
+    dequantized to the compute dtype. Its scale is in the refit map as `<path>.weight_scale`."""
     fmt, axis = d.quant.format, d.quant.weight_axis
-    magnitude = np.abs(weight.astype(np.float32)).reshape(weight.shape[0], -1)
-    amax = magnitude.max(axis=1) if axis == 0 else magnitude.max()
-    scale = np.maximum(amax, 1e-8) / QMAX[fmt]
-    return quantize_dequantize(d, constant(d, weight, f"{path}.weight"), scale, fmt, axis=axis, name=f"{path}.weight")
+    scale = weight_scales(weight, fmt, axis)
+    d.bound(f"{path}.weight_scale", f"{path}.weight", weight.shape, scale.shape, role="weight scale",
+            of=f"{path}.weight", dtype=np.float32)
+    return quantize_dequantize(d, constant(d, weight, f"{path}.weight"), scale, fmt, axis=axis, name=f"{path}.weight",
+                               scale_name=f"{path}.weight_scale")
 
 
 def smooth_input(d: Definition, x, path: str):
@@ -437,10 +461,9 @@ def conv2d(d: Definition, x, path: str, out_channels: int, kernel: int, stride: 
     weight = d.param(f"{path}.weight", (out_channels, c, kernel, kernel))
     bias_array = d.param(f"{path}.bias", (out_channels,)) if bias else None
     quantized = d.quant is not None and d.quant.is_quantized(path) and d.quant.qdq
-    d.bound(f"{path}.weight", f"{path}.weight", weight.shape, weight.shape,
-            transform="smoothed+quantized" if quantized else None)
+    d.bound(f"{path}.weight", f"{path}.weight", weight.shape, weight.shape, transform="smoothed" if quantized else None)
     if bias:
-        d.bound(f"{path}.bias", f"{path}.bias", bias_array.shape, bias_array.shape)
+        d.bound(f"{path}.bias", f"{path}.bias", bias_array.shape, bias_array.shape, role="bias")
     if quantized:
         trt = backend.trt()
         layer = d.network.add_convolution_nd(_quantized_input(d, x, path), out_channels, (kernel, kernel),
@@ -451,6 +474,9 @@ def conv2d(d: Definition, x, path: str, out_channels: int, kernel: int, stride: 
             layer.set_input(2, weight_tensor(d, bias_array, f"{path}.bias"))  # [O]
     elif d.weight_dtype == d.dtype:
         layer = d.network.add_convolution_nd(x, out_channels, (kernel, kernel), weight, bias_array)
+        d.name_weights(layer.kernel, f"{path}.weight")
+        if bias:
+            d.name_weights(layer.bias, f"{path}.bias")
     else:  # kernel and bias as cast constants, through the layer's inputs 1 and 2 (see WEIGHT_DTYPES)
         trt = backend.trt()
         layer = d.network.add_convolution_nd(x, out_channels, (kernel, kernel), trt.Weights(), trt.Weights())
@@ -484,8 +510,8 @@ def linear(d: Definition, x, path: str, out_features: int, bias: bool = True, we
     rank = len(dims)
     w_shape = (1,) * (rank - 2) + weight.shape
     eight_bit = quantized and d.quant.qdq
-    d.bound(f"{path}.weight", f"{path}.weight", weight.shape, w_shape, weight_scale,
-            "smoothed+quantized" if eight_bit else ("smoothed" if d.quant is not None else None))
+    d.bound(f"{path}.weight", f"{path}.weight", weight.shape, weight.shape if eight_bit else w_shape, weight_scale,
+            "smoothed" if d.quant is not None else None)
     if quantized:
         x = _quantized_input(d, x, path)  # smoothing's explicit 1/s where needed, then Q/DQ
     if eight_bit:
@@ -503,7 +529,7 @@ def linear(d: Definition, x, path: str, out_features: int, bias: bool = True, we
         if d.quant is not None:
             b = d.keep(d.quant.transform_bias(path, b))
         d.bound(f"{path}.bias", f"{path}.bias", (out_features,), (1,) * (rank - 1) + (out_features,), weight_scale,
-                "smoothed" if d.quant is not None else None)
+                "smoothed" if d.quant is not None else None, role="bias")
         y = add(d, y, weight_tensor(d, b.reshape((1,) * (rank - 1) + (out_features,)), name=f"{path}.bias"),
                 name=f"{path}.bias.add")
     return y
@@ -519,7 +545,7 @@ def group_norm(d: Definition, x, path: str, groups: int, eps: float):
         gamma, beta = (d.keep(a) for a in d.quant.fold_norm(path, gamma, beta))
     for part in ("weight", "bias"):
         d.bound(f"{path}.{part}", f"{path}.{part}", (c,), (1, c, 1, 1),
-                transform="norm fold" if d.quant is not None else None)
+                transform="norm fold" if d.quant is not None else None, role="norm")
     if be.has_normalization_v2:
         layer = be.add_normalization(d.network, x, weight_tensor(d, gamma, f"{path}.weight"),
                                      weight_tensor(d, beta, f"{path}.bias"), 0b1100)
@@ -548,7 +574,7 @@ def layer_norm(d: Definition, x, path: str, eps: float = 1e-5):
         gamma, beta = (d.keep(a) for a in d.quant.fold_norm(path, gamma, beta))
     for part in ("weight", "bias"):
         d.bound(f"{path}.{part}", f"{path}.{part}", (c,), (1,) * (rank - 1) + (c,),
-                transform="norm fold" if d.quant is not None else None)
+                transform="norm fold" if d.quant is not None else None, role="norm")
     layer = backend.get().add_normalization(d.network, x, weight_tensor(d, gamma, f"{path}.weight"),
                                             weight_tensor(d, beta, f"{path}.bias"), 1 << (rank - 1))
     layer.epsilon = eps
@@ -691,8 +717,8 @@ def multi_head_attention(d: Definition, x, context, path: str, heads: int, qkv_b
 
 def embedding(d: Definition, ids, path: str, num: int, dim: int, name: str | None = None):
     """Row lookup: `<path>.weight` [num, dim] gathered by integer ids [...] -> [..., dim]."""
+    d.bound(f"{path}.weight", f"{path}.weight", (num, dim), (num, dim), role="embedding")
     table = weight_tensor(d, d.param(f"{path}.weight", (num, dim)), name=f"{path}.weight")
-    d.bound(f"{path}.weight", f"{path}.weight", (num, dim), (num, dim))
     return _named(d.network.add_gather(table, ids, 0), name or path)
 
 

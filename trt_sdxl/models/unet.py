@@ -146,7 +146,7 @@ def input_profile(cfg: UNetConfig, profile: ImageProfile) -> dict[str, tuple]:
 
 def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 128, latent_width: int = 128,
            progress=None, calibration=None, quant_options: dict | None = None, calibration_taps: bool = False,
-           attention_check=None, profiles: list[ImageProfile] | None = None) -> UNetNetwork:
+           attention_check=None, profiles: list[ImageProfile] | None = None, quant_plan=None) -> UNetNetwork:
     """Define the UNet of `model` (pipeline folder, `unet/` folder, single file or opened component).
 
     Inputs as diffusers' UNet arguments: `sample` [B, 4, h, w], `timestep` [B] (fp32),
@@ -161,11 +161,11 @@ def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 
     fused kernel (the build asks the builder); one without keeps FP16 BMMs (`attention_fallbacks`).
     `profiles` (trt_sdxl.shapes.ImageProfile): define at the first one's opt shape (CFG batch, latent
     size and token count replace `batch`/`latent_*`) and widen the axes they vary to dynamic.
+    `quant_plan`: an 8-bit network's plan made elsewhere (`quant_plan()` of the base checkpoint) instead of
+    one from `calibration` and these weights: what a refit keeps when a LoRA changes the weights.
     """
     from .. import weights as W
-    from ..quant.plan import CalibrationTaps, QuantPlan
-    from ..quant.table import CalibrationTable
-
+    from ..quant.plan import CalibrationTaps
     from ..quant.recipe import RECIPES
 
     if precision not in ("fp32", "fp16") and precision not in RECIPES:
@@ -187,11 +187,8 @@ def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 
     eight_bit = precision in RECIPES  # a recipe name: int8, fp8 (or a named level like int8_level3)
     d = L.new_definition(component, "fp16" if eight_bit else precision)
     if eight_bit:
-        if calibration is None:
-            raise UserError(f"--precision {precision}: needs a calibration table (calibrate first)")
-        table = calibration if isinstance(calibration, CalibrationTable) else \
-            CalibrationTable.load(calibration, component.fingerprint())
-        d.quant = QuantPlan(precision, table, component, **(quant_options or table.choices(precision)))
+        d.quant = quant_plan if quant_plan is not None else \
+            make_quant_plan(component, precision, calibration, quant_options)
     d.attention_check = attention_check
     if calibration_taps:
         d.taps = CalibrationTaps()
@@ -206,6 +203,22 @@ def define(model, precision: str = "fp16", batch: int = 1, latent_height: int = 
     if profiles:
         net.set_profiles([input_profile(cfg, p) for p in profiles])
     return net
+
+
+def make_quant_plan(model, precision: str, calibration, quant_options: dict | None = None):
+    """The quant plan of an 8-bit UNet: `calibration` (a CalibrationTable, or a path to one checked against the
+    weights' fingerprint) with its tuned choices for `precision` (or `quant_options`), over `model`'s weights
+    (SmoothQuant's factors depend on them)."""
+    from .. import weights as W
+    from ..quant.plan import QuantPlan
+    from ..quant.table import CalibrationTable
+
+    if calibration is None:
+        raise UserError(f"--precision {precision}: needs a calibration table (calibrate first)")
+    component = W.open_component(model, "unet")
+    table = calibration if isinstance(calibration, CalibrationTable) else \
+        CalibrationTable.load(calibration, component.fingerprint())
+    return QuantPlan(precision, table, component, **(quant_options or table.choices(precision)))
 
 
 def placement_table(model, batch: int = 2, latent_height: int = 8, latent_width: int = 8):

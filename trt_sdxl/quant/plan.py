@@ -212,15 +212,25 @@ class QuantPlan:
         return bias if r is None else (bias.astype(np.float32) / r).astype(bias.dtype)
 
     def fold_norm(self, path: str, gamma: np.ndarray, beta: np.ndarray):
+        return self.fold_norm_part(path, gamma), self.fold_norm_part(path, beta)
+
+    def fold_norm_part(self, path: str, a: np.ndarray) -> np.ndarray:
+        """The norm `path`'s gamma or beta divided by the 1/s folded into it (itself where none is)."""
         s = self.norm_divisors.get(path)
         if s is None:
-            return gamma, beta
-        shape = gamma.shape
-        return ((gamma.reshape(-1).astype(np.float32) / s).astype(gamma.dtype).reshape(shape),
-                (beta.reshape(-1).astype(np.float32) / s).astype(beta.dtype).reshape(shape))
+            return a
+        return (a.reshape(-1).astype(np.float32) / s).astype(a.dtype).reshape(a.shape)
 
     def explicit_smoothing(self, path: str) -> tuple[str, np.ndarray] | None:
         """(group, 1/s) where `path`'s input needs an explicit multiply (no fold exists), else None;
         the layers of one group reading one tensor share the multiply (trt_sdxl.layers)."""
         group = self.explicit.get(path)
         return None if group is None else (group, (1.0 / self.scales[path]).astype(np.float32))
+
+
+def weight_scales(weight: np.ndarray, fmt: str, axis: int | None) -> np.ndarray:
+    """The quantization scale of a weight [O, ...]: per output channel (`axis` 0, [O]) or per tensor
+    (`axis` None, a scalar), amax / QMAX (float32; a silent channel gets a tiny positive scale)."""
+    magnitude = np.abs(weight.astype(np.float32)).reshape(weight.shape[0], -1)
+    amax = magnitude.max(axis=1) if axis == 0 else magnitude.max()
+    return np.asarray(np.maximum(amax, 1e-8) / QMAX[fmt], np.float32)
