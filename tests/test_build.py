@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_loras import tiny_default_lora
 
 from trt_sdxl import backend, build
 from trt_sdxl.engines import build_engine
@@ -647,29 +648,6 @@ def test_8bit_engine_with_dynamic_shapes_builds_from_the_opt_shape(int8_build, t
 
 
 # ---------------------------------------------------------------- LoRAs merged at build
-
-
-def tiny_default_lora(path: Path, seed: int = 3) -> Path:
-    """A kohya-format LoRA on the tiny default: the first transformer's attn1 to_q/to_v in the UNet (diffusers
-    module paths with `_`) and the first layer's q_proj of each text encoder, rank 4, alpha 4."""
-    from safetensors.numpy import save_file
-
-    from trt_sdxl import weights
-
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    targets = [("unet", "lora_unet_", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
-               ("unet", "lora_unet_", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v"),
-               ("text_encoder", "lora_te1_", "text_model.encoder.layers.0.self_attn.q_proj"),
-               ("text_encoder_2", "lora_te2_", "text_model.encoder.layers.0.self_attn.q_proj")]
-    for component, prefix, module in targets:
-        out_f, in_f = weights.open_component(DEFAULT_MODEL, component).shape(f"{module}.weight")
-        name = prefix + module.replace(".", "_")
-        tensors[f"{name}.lora_down.weight"] = rng.standard_normal((4, in_f)).astype(np.float16)
-        tensors[f"{name}.lora_up.weight"] = (0.5 * rng.standard_normal((out_f, 4))).astype(np.float16)
-        tensors[f"{name}.alpha"] = np.array(4.0, np.float16)
-    save_file(tensors, path)
-    return path
 
 
 def test_lora_merged_at_build_and_again_on_the_cpu(default_build, tmp_path):

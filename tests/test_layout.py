@@ -22,7 +22,7 @@ FLOORS = [  # bottom first
     ("support", "fusion_lint"),
     ("layers",),
     ("models", "refit_map"),
-    ("executors", "denoising", "runtime"),
+    ("executors", "denoising", "runtime", "lora_switch"),
     ("pipeline", "calibration"),
     ("generator",),
     ("triton",),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_build import tiny_default_lora
+from tiny_loras import tiny_default_lora
 from test_quant import all_groups, calibrated
 
 from trt_sdxl import backend, lora, refit_map, weights

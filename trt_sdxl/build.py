@@ -35,13 +35,13 @@ from pathlib import Path
 
 from . import backend
 from .version import __version__
-from .components import COMPONENTS, DEFAULT_MODEL, ENCODERS, TOKENIZER_FOLDERS
+from .components import COMPONENTS, DEFAULT_MODEL, ENCODERS, LORA_COMPONENTS, TOKENIZER_FOLDERS
 from . import configs, fusion_lint, shapes, support
-from .engines import (EIGHT_BIT_OPTIMIZATION_LEVEL, build_engine, check_target_takes, choose_target, engine_filename,
-                      fused_attention_check, present_gpu, tensor_specs)
+from .engines import (EIGHT_BIT_OPTIMIZATION_LEVEL, build_engine, check_can_build_refittable, check_target_takes,
+                      choose_target, engine_filename, fused_attention_check, present_gpu, tensor_specs)
 from .errors import UserError, run_cli
 from .executors import NETEXEC_MAX_UNET_BYTES
-from .files import load_json, write_json, write_temporary
+from .files import json_bytes, load_json, write_json, write_temporary
 from .log import logger
 from .quant.recipe import RECIPES
 from .unet_config import UNetConfig
@@ -53,6 +53,7 @@ TEXT_PRECISION = "fp16"
 MODEL_FOLDER = "model"  # the model copy inside an engines folder
 LORA_FOLDER = "loras"  # inside the model copy: the LoRA files merged into the engines
 CALIBRATION_FILE = "calibration.npz"
+REFIT_MAP_FILE = "refit_map.json"  # refittable builds: per component, the refit map of its network (trt_sdxl.refit_map)
 STATS_CACHE = ".calibration-stats.npz"  # a finished calibration kept until the build that tunes it succeeds
 log = logger("trt_sdxl.build")
 
@@ -267,7 +268,8 @@ def input_profiles_json(network) -> list[dict]:
             for p in network.profiles]
 
 
-def manifest_entry(job: EngineJob, file: str, target: str, profiles: list[shapes.ImageProfile]) -> dict:
+def manifest_entry(job: EngineJob, file: str, target: str, profiles: list[shapes.ImageProfile],
+                   refit_weights: int | None = None) -> dict:
     opt = profiles[0]
     batch, height, width = opt.batch.opt, opt.height.opt, opt.width.opt
     be = backend.get()
@@ -292,7 +294,10 @@ def manifest_entry(job: EngineJob, file: str, target: str, profiles: list[shapes
         "outputs": tensor_specs(job.network.network, "outputs"),
         "checkpoint": str(job.checkpoint.source),
         "checkpoint_fingerprint": job.checkpoint.fingerprint(),
+        "refittable": refit_weights is not None,  # built with --refittable: python -m trt_sdxl.refit changes LoRAs
     })
+    if refit_weights is not None:
+        entry["refit_weights"] = refit_weights  # how many weights a refit may change
     return entry
 
 
@@ -390,7 +395,8 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
           width: int | None = None, target: str | None = None, components=COMPONENTS,
           vae_precision: str = "fp32", calibration: str | None = None, calibration_prompts: str | None = None,
           calibration_steps: int = 20, engines: bool = True, optimization_level: int | None = None,
-          resolutions: list[str] | None = None, prompt_chunks: int | str = 1, loras: list[str] | None = None) -> dict:
+          resolutions: list[str] | None = None, prompt_chunks: int | str = 1, loras: list[str] | None = None,
+          refittable: bool = False) -> dict:
     """Build the engines of `components`; returns the manifest written to `out/manifest.json`.
 
     `precision` goes through the recipe matrix (trt_sdxl.support: `auto`, refusals, what this backend
@@ -400,7 +406,10 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
     UNet (as NVIDIA builds them), TensorRT's own (3) otherwise. `batch` ("4" or a range "1-4"),
     `resolutions` (one profile each) and `prompt_chunks` give the engines' shapes (module docstring).
     `loras`: `FILE[:SCALE]` LoRAs merged into the weights before anything is defined (trt_sdxl.lora); the
-    folder keeps a copy of each, so `generate --cpu` runs the merged networks too."""
+    folder keeps a copy of each, so `generate --cpu` runs the merged networks too. `refittable`: the text
+    encoders' and UNet's engines can take other LoRAs later without a rebuild (`python -m trt_sdxl.refit`,
+    `Generator.set_loras`, `<lora:name:w>` in prompts): their linear and conv weights (and an 8-bit UNet's weight
+    scales) are marked refittable, and the folder keeps each network's refit map (refit_map.json)."""
     out = Path(out)
     check_output_folder(out)
     components = check_arguments(components, precision, vae_precision, batch, calibration_steps, optimization_level,
@@ -409,6 +418,8 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
         raise UserError("--resolutions: only the UNet and VAE engines have an image size")
     be = backend.get()
     target = choose_target(target)
+    if refittable and engines and set(LORA_COMPONENTS) & set(components):
+        check_can_build_refittable(target)
     if "unet" in components:
         precision = resolve_precision(precision, target, engines).recipe
     elif precision == "auto":
@@ -490,15 +501,24 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
         lora_entries.append({"file": f"{MODEL_FOLDER}/{rel}", "scale": f.scale, "components": sorted(f.modules)})
     staged: dict[str, Path] = {}  # final file name -> its temporary file, renamed once all engines are built
     staging = None
+    refit_maps = read_manifest(out / REFIT_MAP_FILE)  # other components' maps stay; a rebuilt one's is replaced
     try:
         for i, job in enumerate(jobs.values(), start=1):
             step = f"[{i}/{len(jobs)}] {job.component}"
             name, seconds, level = None, 0.0, None
+            marked = None  # the weights a refit may change, for a refittable engine
+            refit_maps.pop(job.component, None)
+            if refittable and job.component in LORA_COMPONENTS:
+                from . import refit_map
+
+                marked = refit_map.refittable(job.network.definition.refit)
+                refit_maps[job.component] = refit_map.to_json(job.network.definition.refit)
             if engines:
                 level = for_folder.level(job.component, job.precision)
                 latent = (height // 8, width // 8) if job.component in ("unet", "vae") else None
-                built = for_folder.take(BuildEngines.key(job.component, job.precision, job.batch, latent, target, level,
-                                                      table if job.component == "unet" else None))
+                built = None if marked is not None else for_folder.take(  # an engine calibration built is not refittable
+                    BuildEngines.key(job.component, job.precision, job.batch, latent, target, level,
+                                     table if job.component == "unet" else None))
                 if built is not None:
                     engine, seconds = built
                     log(f"{step}: the engine calibration built and ran for {target} (this network, these options): "
@@ -508,12 +528,17 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
                         + (f" (optimization level {level})" if level is not None else ""))
                     engine, seconds = build_engine(job.network.definition, target, log, optimization_level=level,
                                                    timing_cache=for_folder.timing_cache,
-                                                   profiles=job.network.profiles if job.network.dynamic else None)
+                                                   profiles=job.network.profiles if job.network.dynamic else None,
+                                                   refittable=marked)
                 name = engine_filename(job.component, job.precision, target)
                 staged[name] = write_temporary(out / name, engine)
                 log(f"{step}: built {name} ({engine.nbytes / 2**20:.1f} MiB, {seconds:.1f} s)")
                 engine = None
-            manifest["engines"][job.component] = manifest_entry(job, name, target if engines else None, profiles)
+            manifest["engines"][job.component] = manifest_entry(job, name, target if engines else None, profiles,
+                                                                None if marked is None else len(marked))
+            if marked is not None:
+                log(f"{step}: refittable: {len(marked)} weights (linear and conv"
+                    + (", and their 8-bit scales)" if job.precision in RECIPES else ")"))
             report[job.component] = {"precision": job.precision, "optimization_level": level,
                                      **report_entry(job.network.definition, seconds)}
             if job.component == "unet" and job.precision in RECIPES:
@@ -522,6 +547,10 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
             job.network = None  # let the builder's memory go before the next engine
         if table is not None:
             staged[CALIBRATION_FILE] = write_temporary(out / CALIBRATION_FILE, table.to_bytes())
+        if refit_maps:
+            staged[REFIT_MAP_FILE] = write_temporary(out / REFIT_MAP_FILE, json_bytes(refit_maps, indent=None))
+        if not refit_maps:
+            (out / REFIT_MAP_FILE).unlink(missing_ok=True)
         staging = stage_model_copy(copied, out)
         for name, tmp in list(staged.items()):
             os.replace(tmp, out / name)
@@ -784,6 +813,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
                    help="merge a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) at SCALE (default 1) into the "
                         "UNet and text encoders before quantization; repeatable")
+    p.add_argument("--refittable", action="store_true",
+                   help="make the text encoders' and UNet's engines refittable, so that other LoRAs can be put in "
+                        "later without a rebuild (python -m trt_sdxl.refit; <lora:name:w> in prompts with "
+                        "--lora-dir); needs a GPU with TensorRT for RTX")
     p.add_argument("--prompt-chunks", default="1", metavar="N",
                    help="prompts up to N x 75 tokens (generate --long-prompts; default 1: 75 tokens)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
@@ -810,7 +843,8 @@ def main(argv=None) -> int:
         calibration=args.calibration, calibration_prompts=args.calibration_prompts,
         calibration_steps=args.calibration_steps, engines=not args.no_engines,
         optimization_level=args.optimization_level, resolutions=args.resolutions,
-        prompt_chunks=args.prompt_chunks, loras=args.lora), "nothing was left half-written")
+        prompt_chunks=args.prompt_chunks, loras=args.lora, refittable=args.refittable),
+        "nothing was left half-written")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from pathlib import Path
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 ENCODERS = {"text_encoder": 1, "text_encoder_2": 2}
+# What a LoRA changes (trt_sdxl.lora), and so which engines a refittable build makes refittable.
+LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
 TOKENIZER_FOLDERS = {1: "tokenizer", 2: "tokenizer_2"}
 
 # The embedded tiny default model: a complete diffusers SDXL pipeline folder.

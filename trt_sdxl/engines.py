@@ -174,8 +174,34 @@ class TimingCache:
         return bool(config.set_timing_cache(self.cache, False))
 
 
+def check_can_build_refittable(target: str) -> None:
+    """TensorRT for RTX (1.7) compiles a refittable engine's kernels with the GPU's driver while it builds:
+    ahead of time on a machine without a GPU the builder fails deep inside (Myelin's CUDA check). Said
+    before any work starts, with the ways on."""
+    be = backend.get()
+    if be.is_rtx and present_gpu() is None:
+        raise UserError(f"--refittable: {be.name} {be.version} builds refittable engines only on a machine with a GPU "
+                        f"(it compiles their kernels there; ahead of time for {target} without one it cannot); build "
+                        "them on the GPU, merge the LoRA at build time instead (--lora), or use --no-engines for the "
+                        "CPU preview")
+
+
+def mark_refittable(definition, config, names) -> None:
+    """Make weights `names` of the network refittable and the others build-time constants (REFIT_INDIVIDUAL, not
+    kREFIT: the builder keeps folding biases and norms, and TensorRT 11.3 documents that kREFIT can drop a GEMM
+    bias, which the GPU test tests/test_refit.py checks for); every name must be one the definition gave
+    TensorRT (set_weights_name)."""
+    trt = backend.trt()
+    config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+    refused = [n for n in names if not definition.network.mark_weights_refittable(n)]
+    if refused:
+        raise UserError(f"{backend.get().name} {backend.get().version} cannot make {len(refused)} weights refittable "
+                        f"(e.g. {refused[0]}); build without --refittable and merge LoRAs at build time (--lora)")
+
+
 def build_engine(definition, target: str, log: Log = silent, optimization_level: int | None = None,
-                 detailed: bool = False, timing_cache: TimingCache | None = None, profiles: list | None = None):
+                 detailed: bool = False, timing_cache: TimingCache | None = None, profiles: list | None = None,
+                 refittable: list[str] | None = None):
     """Serialize the network for `target`; returns the engine (TensorRT host memory, which supports
     the buffer protocol: written to disk or deserialized without a copy) and the seconds it took.
     `optimization_level`: the builder's (0-5; None: TensorRT's default, 3). `detailed`: profiling
@@ -183,7 +209,8 @@ def build_engine(definition, target: str, log: Log = silent, optimization_level:
     layer details to the engine's NVTX ranges, not work to its kernels). `timing_cache`: the run's
     TimingCache (NVIDIA TensorRT), shared by its builds. `profiles`: the optimization profiles of a
     network with dynamic shapes, [{input: (min, opt, max)}] (`DefinedNetwork.profiles`), in order: the
-    engine's profile k is the k-th.
+    engine's profile k is the k-th. `refittable`: the weights a refit may change (trt_sdxl.refit_map), marked
+    refittable (`mark_refittable`); None builds an engine that cannot be refit.
 
     Where the backend has it (TensorRT-RTX), REQUIRE_USER_ALLOCATION is set on every engine: its
     enqueue then never allocates memory at run time, which CUDA stream capture cannot record. It costs
@@ -202,6 +229,8 @@ def build_engine(definition, target: str, log: Log = silent, optimization_level:
         config.profiling_verbosity = be.module.ProfilingVerbosity.DETAILED
     if timing_cache is not None:
         timing_cache.attach(config)
+    if refittable is not None:
+        mark_refittable(definition, config, refittable)
     for profile in profiles or ():
         shapes = definition.builder.create_optimization_profile()
         for name, (lo, opt, hi) in profile.items():

@@ -43,8 +43,12 @@ def write_atomic(path: Path, data: bytes | memoryview) -> None:
         raise
 
 
+def json_bytes(obj, indent: int | None = 2) -> bytes:
+    return (json.dumps(obj, indent=indent, sort_keys=False) + "\n").encode()
+
+
 def write_json(path: Path, obj) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    write_atomic(path, json_bytes(obj))
 
 
 _REQUIRED = object()

@@ -6,6 +6,10 @@ folder of a tiny model can be looked at without a GPU; `--cpu --model PATH` runs
 FP16 networks directly. Either way each PNG carries an A1111-style `parameters` text chunk, and
 image i of a batch uses seed + i (so any image can be made again alone).
 
+LoRAs on engines built `--refittable`, without a rebuild: `--lora FILE[:SCALE]` (repeatable), or A1111's
+`<lora:name:0.8>` in the prompt with `--lora-dir DIR` to find `name` in; the engines are refit in memory
+for this run (python -m trt_sdxl.refit changes the folder's files instead).
+
 Every mistake a user can make ends in one line on stderr and exit status 2.
 """
 
@@ -18,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import schedulers
+from . import lora, schedulers
 from .errors import UserError, run_cli
 from .generator import NO_GPU, Generator, check_request
 from .log import format_seconds, logger
@@ -50,6 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="A1111 prompt weighting: (word:1.2), (word) x1.1, [word] /1.1, \\( for a literal "
                         "bracket, BREAK for a new chunk (default: the prompt is plain text, as diffusers reads it)")
     p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA at SCALE (default 1) refit into engines built --refittable, for this run; repeatable")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="where <lora:name:weight> tags in the prompt find their files (A1111's syntax)")
     p.add_argument("--engines", default=str(DEFAULT_ENGINES), help="engines folder (default ./engines)")
     p.add_argument("--model", default=None,
                    help="with --cpu: run this checkpoint's FP16 networks directly instead of an engines folder")
@@ -70,6 +78,16 @@ def validate(args: argparse.Namespace) -> None:
     if args.model is not None and not args.cpu:
         raise UserError("--model: runs a checkpoint directly on the CPU with --cpu; on a GPU, build engines from it "
                         "with `python -m trt_sdxl.build --model PATH` and pass --engines DIR")
+    if args.model is not None and (args.lora or args.lora_dir):
+        raise UserError("--lora/--lora-dir: refit an engines folder built --refittable (--engines DIR); for --model, "
+                        "merge LoRAs at build time: python -m trt_sdxl.build --model PATH --lora FILE")
+    for spec in args.lora:
+        lora.parse_spec(spec)
+    _, tags = lora.prompt_loras(args.prompt)
+    if tags and args.lora_dir is None:
+        raise UserError(f"prompt tag {tags[0].tag}: give --lora-dir DIR, the folder its LoRA file is in")
+    if args.lora_dir is not None:
+        lora.LoRAFolder(args.lora_dir).resolve(tags)
     for path in output_paths(Path(args.out), args.batch):
         check_output(path)
 
@@ -120,7 +138,19 @@ def load(args: argparse.Namespace) -> Generator:
     entries = {c: folder.entry(c, need_file=not args.cpu) for c in ("text_encoder", "text_encoder_2", "unet", "vae")}
     height, width = folder.image_size(entries)
     folder.check_request(entries, args.batch, args.height or height, args.width or width)  # before any loading
-    return Generator.load(folder, device="cpu" if args.cpu else "gpu", log=log)
+    asks = "--lora" if args.lora else next((t.tag for t in lora.prompt_loras(args.prompt)[1]), None)
+    if asks and not any(entries[c].get("refittable") for c in entries):
+        raise UserError(f"{asks}: the engines of {folder.folder} were not built refittable; rebuild with "
+                        f"`{folder.rebuild_command(refittable=True)}`, or merge the LoRA at build time with "
+                        "build --lora")
+    generator = Generator.load(folder, device="cpu" if args.cpu else "gpu", log=log, lora_dir=args.lora_dir)
+    if args.lora:
+        try:
+            generator.set_loras(args.lora)
+        except BaseException:
+            generator.close()
+            raise
+    return generator
 
 
 def generate(args: argparse.Namespace) -> list[Path]:

@@ -11,6 +11,12 @@ precision, the same calibration table — defined again from the model copy the 
 an INT8 or FP8 build can be looked at on a machine without a GPU. `Generator.from_model(PATH)`
 runs a checkpoint's FP16 networks on the CPU without building anything.
 
+LoRAs without a rebuild, where the folder was built `--refittable`: `set_loras(["style.safetensors:0.8"])`
+refits the loaded engines in memory (the CPU: the networks' weights) with exactly the weights a build with
+those LoRAs would bind, and A1111's `<lora:name:0.8>` in a prompt adds a LoRA of the `lora_dir` folder for
+that call (refit before it, when the set changes; recomputed weights are cached). `python -m trt_sdxl.refit`
+writes the change into the folder's engine files instead.
+
 `generate` keeps everything of a call in the call; the loaded networks are shared and run under
 one lock (an engine's execution context, and TensorRT's network objects netexec reads, are not
 for two threads at once), so one Generator may serve several threads, one network run at a time. `on_step(step, steps, milliseconds)` hears about each denoising step;
@@ -29,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import schedulers
+from . import lora, schedulers
 from .version import __version__
-from .components import COMPONENTS, DEFAULT_MODEL, ENCODERS
+from .components import COMPONENTS, DEFAULT_MODEL, ENCODERS, LORA_COMPONENTS
 from .denoising import seeded_latents, seeded_step_noise
 from .errors import UserError
 from .executors import NETEXEC_MAX_UNET_BYTES
@@ -94,27 +100,38 @@ class _Loaded:
     # check(batch, height, width, chunks): UserError naming the allowed ranges unless the networks serve it
     check: Callable | None = None
     max_chunks: int | None = None  # prompts up to this many 75-token chunks (None: any)
+    switch: object = None  # trt_sdxl.lora_switch.LoRASwitch over the refittable networks; None: none is
+    standing: dict = field(default_factory=dict)  # component -> LoRA specs the networks carry between calls
+    no_switch: str = "the engines were not built refittable: rebuild with --refittable, or merge LoRAs at build " \
+                     "time with --lora"
 
 
 class Generator:
     """SDXL text to image over a loaded set of networks; see the module docstring."""
 
-    def __init__(self, loaded: _Loaded, log: Log = silent):
+    def __init__(self, loaded: _Loaded, log: Log = silent, lora_dir=None):
         self._loaded = loaded
         self.log = log
         self._lock = threading.Lock()
+        self.lora_folder = None if lora_dir is None else lora.LoRAFolder(lora_dir)
 
     # ------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, engines_dir, device: str = "gpu", log: Log = silent) -> Generator:
+    def load(cls, engines_dir, device: str = "gpu", log: Log = silent, lora_dir=None, model=None) -> Generator:
         """The engines folder `engines_dir` (written by `python -m trt_sdxl.build`), on the GPU with
-        TensorRT, or on the CPU through netexec (`device="cpu"`)."""
+        TensorRT, or on the CPU through netexec (`device="cpu"`). `lora_dir`: where `<lora:name>` prompt tags
+        find their files. `model`: the checkpoint the engines were built from, where a refit needs its weights
+        and the folder has no copy of them (a full-size model; default: the path the build recorded)."""
         if device not in DEVICES:
             raise UserError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
         folder = engines_dir if isinstance(engines_dir, manifest_module.EnginesFolder) else \
             manifest_module.EnginesFolder(engines_dir)
-        return cls(_load_gpu(folder, log) if device == "gpu" else _load_cpu(folder, log), log)
+        lora_folder = None if lora_dir is None else lora.LoRAFolder(lora_dir)  # a wrong folder fails before loading
+        loaded = _load_gpu(folder, log, model) if device == "gpu" else _load_cpu(folder, log, model)
+        generator = cls(loaded, log)
+        generator.lora_folder = lora_folder
+        return generator
 
     @classmethod
     def from_model(cls, model=DEFAULT_MODEL, height: int | None = None, width: int | None = None, batch: int = 1,
@@ -149,6 +166,47 @@ class Generator:
         """What runs the networks, e.g. 'CPU (netexec, numpy)' or the GPU and TensorRT version."""
         return self._loaded.where
 
+    @property
+    def loras(self) -> dict[str, list]:
+        """component -> the LoRAs its network carries between calls: (file, scale, UNet scale or None)."""
+        return {c: list(specs) for c, specs in self._loaded.standing.items()}
+
+    def set_loras(self, loras) -> dict[str, int]:
+        """Make the networks carry exactly `loras` (`FILE[:SCALE]` strings, (file, scale) or (file, text encoders'
+        scale, UNet scale); [] for none) from now on: the engines are refit in memory, the folder's files stay
+        as they are. Returns component -> weights refit (none where nothing changed)."""
+        loras = [lora.spec_tuple(spec) for spec in loras]
+        with self._lock:
+            loaded = self._loaded
+            if loaded.switch is None:
+                if loras:
+                    raise UserError(f"set_loras: {loaded.no_switch}")
+                return {}
+            sent = loaded.switch.set({c: loras for c in LORA_COMPONENTS})
+            loaded.standing = {c: loras for c in LORA_COMPONENTS}
+            return sent
+
+    def check_prompt_loras(self, prompt: str) -> list:
+        """The (file, text encoders' scale, UNet scale) of each `<lora:...>` tag of `prompt`; a UserError, before any
+        work, for a tag without a LoRA folder, a name the folder lacks, or networks that cannot be refit."""
+        text, tags = lora.prompt_loras(prompt)
+        if not tags:
+            return []
+        if self.lora_folder is None:
+            raise UserError(f"prompt tag {tags[0].tag}: no LoRA folder to find it in (--lora-dir DIR; "
+                            "Generator.load(..., lora_dir=DIR))")
+        found = self.lora_folder.resolve(tags)
+        if self._loaded.switch is None:
+            raise UserError(f"prompt tag {tags[0].tag}: {self._loaded.no_switch}")
+        return found
+
+    def _carry(self, extra: list) -> None:
+        """Before a call (under the lock): the networks carry the standing LoRAs plus `extra` (a prompt's tags)."""
+        loaded = self._loaded
+        if loaded.switch is None:
+            return
+        loaded.switch.set({c: list(loaded.standing.get(c, [])) + extra for c in LORA_COMPONENTS})
+
     def close(self) -> None:
         self._loaded.close()
 
@@ -178,6 +236,8 @@ class Generator:
         loaded = self._loaded
         if not isinstance(prompt, str):
             raise UserError(f"prompt: expected a string, got {type(prompt).__name__}")
+        extra = self.check_prompt_loras(prompt)
+        text, tags = lora.prompt_loras(prompt)
         height, width = height or loaded.height, width or loaded.width
         self.check(batch, height, width)
         seed = secrets.randbits(32) if seed is None else int(seed)
@@ -200,8 +260,9 @@ class Generator:
         with self._lock:
             if stop():
                 raise Cancelled("cancelled before the first step")
+            self._carry(extra)
             t = time.perf_counter()
-            cond = loaded.pipeline.encode_prompt([prompt] * batch, negatives, height, width, log=self.log,
+            cond = loaded.pipeline.encode_prompt([text] * batch, negatives, height, width, log=self.log,
                                                  long_prompts=long_prompts, weighting=weighting,
                                                  max_chunks=loaded.max_chunks)
             self.check(batch, height, width, cond.context.shape[1] // 77)
@@ -215,6 +276,8 @@ class Generator:
         self.log(f"text encoders {1000 * text_s:.0f} ms; denoising {denoise_s:.2f} s "
                  f"({np.mean(times):.1f} ms/step, fastest {min(times):.1f}); VAE {1000 * vae_s:.0f} ms; "
                  f"total {time.perf_counter() - started:.2f} s")
+        standing = {Path(spec[0]): None for specs in loaded.standing.values() for spec in specs}  # ordered, once each
+        carried = [(path.stem, path) for path in standing] + [(t.name, path) for t, (path, _, _) in zip(tags, extra)]
         images = []
         for i in range(batch):
             fields = {"prompt": prompt, "negative_prompt": negative_prompt or "", "steps": steps,
@@ -222,6 +285,8 @@ class Generator:
                       "cfg_scale": cfg, "seed": seed + i,
                       "width": width, "height": height, "model_hash": loaded.model_hash,
                       "model": loaded.model_name, "batch_size": batch, "batch_pos": i}
+            if carried:  # as A1111 records the LoRAs a prompt names: each one's name and hash
+                fields["lora_hashes"] = ", ".join(f"{name}: {lora.short_hash(path)}" for name, path in carried)
             images.append(Image(rgb[i], seed + i, infotext(fields), fields))
         return images
 
@@ -261,6 +326,8 @@ def infotext(fields: dict) -> str:
              ("Model hash", fields["model_hash"]), ("Model", fields["model"])]
     if fields.get("batch_size", 1) > 1:  # A1111 records these for batches only
         pairs += [("Batch size", fields["batch_size"]), ("Batch pos", fields["batch_pos"])]
+    if fields.get("lora_hashes"):
+        pairs.append(("Lora hashes", f'"{fields["lora_hashes"]}"'))
     pairs.append(("Version", f"trt_sdxl {__version__}"))
     lines.append(", ".join(f"{key}: {value}" for key, value in pairs))
     return "\n".join(lines)
@@ -353,7 +420,22 @@ def _load_model_cpu(model: Path, height, width, batch: int, log: Log) -> _Loaded
                    check=_profile_check([profile], m, "the CPU networks"), max_chunks=CPU_MAX_CHUNKS)
 
 
-def _load_cpu(folder, log: Log) -> _Loaded:
+def _switch(folder, entries: dict, model, apply, log: Log, carried: bool) -> tuple:
+    """(LoRASwitch over the folder's refittable networks or None, the LoRAs the folder's engines carry). `carried`:
+    the networks carry them already (engines); else (the CPU's fresh networks) they are put in now."""
+    from .lora_switch import LoRASwitch, folder_sources
+
+    sources = folder_sources(folder, entries, model)
+    standing = {c: folder.refit_loras(entries[c]) for c in LORA_COMPONENTS}
+    if not sources:
+        return None, standing
+    switch = LoRASwitch(sources, apply, carried=standing if carried else None, log=log)
+    if not carried:
+        switch.set(standing)
+    return switch, standing
+
+
+def _load_cpu(folder, log: Log, model_weights=None) -> _Loaded:
     """The networks an engines folder's engines were built from, defined again and run by netexec."""
     from .quant.table import CalibrationTable
 
@@ -376,20 +458,28 @@ def _load_cpu(folder, log: Log) -> _Loaded:
     pipeline = _pipeline(run, run["unet"], tokenizers, settings)
     where = f"CPU (netexec, numpy; the networks of {folder.folder}: unet {entries['unet']['precision']})"
     multiple = UNetConfig.parse(unet_weights.config).image_multiple
+
+    def apply(component: str, weights: dict, more) -> None:
+        from .refit_map import NetworkWeights
+
+        NetworkWeights(run[component].network, weights).set(weights)
+
+    switch, standing = _switch(folder, entries, model_weights, apply, log, carried=False)
     return _Loaded(pipeline, _cpu_denoise(pipeline), settings, folder.model_name(), folder.model_hash(), height,
                    width, where, lambda: [e.free() for e in run.values()], run["unet"].inputs["sample"][0][1],
-                   check=_folder_check(folder, entries, multiple), max_chunks=_max_chunks(folder, entries))
+                   check=_folder_check(folder, entries, multiple), max_chunks=_max_chunks(folder, entries),
+                   switch=switch, standing=standing)
 
 
 # ---------------------------------------------------------------- the GPU (TensorRT)
 
 
-def _load_gpu(folder, log: Log) -> _Loaded:
+def _load_gpu(folder, log: Log, model_weights=None) -> _Loaded:
     from . import backend
     from .runtime import cuda
     from .runtime.decoder import ImageDecoder
     from .runtime.denoiser import GraphDenoiser
-    from .runtime.engine import Engine, EngineExecutor
+    from .runtime.engine import Engine, EngineExecutor, EngineRefitter
 
     count, reason = cuda.probe()
     if not count:
@@ -413,12 +503,24 @@ def _load_gpu(folder, log: Log) -> _Loaded:
     decoder = ImageDecoder(Engine.load(entries["vae"]["path"]), library, stream, settings.scaling_factor)
     log(f"engines loaded from {folder.folder} ({time.perf_counter() - started:.1f} s)")
     pipeline = _pipeline({**run, "vae": None}, None, tokenizers, settings)  # the VAE runs in `decoder`
+    engines = {**{c: executor.engine for c, executor in run.items()}, "unet": denoiser.unet}
+    refitters = {}
+
+    def apply(component: str, weights: dict, more) -> None:
+        if component not in refitters:
+            refitters[component] = EngineRefitter(engines[component])
+        refitters[component].refit(weights, stream, more)
+        if component == "unet":
+            denoiser.release()  # graphs captured before the refit: captured again at the next call
+
+    switch, standing = _switch(folder, entries, model_weights, apply, log, carried=True)
 
     def denoise(cond, scheduler, cfg, seed, latent_shape, on_step):  # the latents stay on the GPU for the VAE
         return denoiser.denoise(cond, scheduler, cfg, seed, on_step=on_step, keep_on_device=True,
                                 latent_size=tuple(latent_shape[2:]))
 
     def close():
+        refitters.clear()  # a refitter holds its engine
         for executor in run.values():
             executor.free()
         decoder.release()
@@ -431,7 +533,8 @@ def _load_gpu(folder, log: Log) -> _Loaded:
     return _Loaded(pipeline, denoise, settings, folder.model_name(), folder.model_hash(), height, width,
                    f"GPU {device.name} (SM{device.sm}), {be.name} {be.version}", close,
                    denoiser.sample_spec[0][1], decoder.decode,
-                   check=_folder_check(folder, entries, _image_multiple(model)), max_chunks=_max_chunks(folder, entries))
+                   check=_folder_check(folder, entries, _image_multiple(model)), max_chunks=_max_chunks(folder, entries),
+                   switch=switch, standing=standing)
 
 
 # ---------------------------------------------------------------- shared checks

@@ -11,16 +11,23 @@ among the model's own module names written the same way; a LoRA module that name
 the model is a UserError listing every such key, never skipped.
 
 `merged(component, lora_set)` returns the component with `get` adding the LoRA deltas in float32
-before the cast to the dtype asked for. Every layer, SmoothQuant's folding and the quantizers read
+before the cast to the dtype asked for (merging into an already merged component adds the new terms
+after its own, as one set of both would). Every layer, SmoothQuant's folding and the quantizers read
 weights through `Component.get`, so they all see the merged weights; its `fingerprint` covers the
 LoRA files and scales, so a calibration table of the base model does not match the merged one.
+
+A file's scale applies to every component it changes, or, as A1111's `<lora:name:te:unet>` says, one
+to the text encoders and another to the UNet. `prompt_loras` reads those tags out of a prompt, and a
+`LoRAFolder` (`--lora-dir`) finds a tag's file by its name or alias, as A1111 does.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,16 +100,18 @@ class LoRAModule:
 
 @dataclass
 class LoRAFile:
-    """One LoRA file at its user scale: its modules per component, still under the file's names."""
+    """One LoRA file at its user scale (`unet_scale`, where given, for the UNet instead): its modules per
+    component, still under the file's names."""
 
     path: Path
     scale: float
     file: weights.SafetensorsFile
     modules: dict[str, dict[str, LoRAModule]]  # component -> file's module name -> module
     peft_alpha: dict[str, dict]  # component -> PEFT LoraConfig fields from diffusers' metadata
+    unet_scale: float | None = None
 
     @classmethod
-    def open(cls, path: Path, scale: float = 1.0) -> LoRAFile:
+    def open(cls, path: Path, scale: float = 1.0, unet_scale: float | None = None) -> LoRAFile:
         f = weights.SafetensorsFile(Path(path))
         modules: dict[str, dict[str, LoRAModule]] = {}
         unknown = []
@@ -128,7 +137,16 @@ class LoRAFile:
         for component, by_name in modules.items():
             for module in by_name.values():
                 _check_module(path, module)
-        return cls(Path(path), float(scale), f, modules, _peft_metadata(f))
+        return cls(Path(path), float(scale), f, modules, _peft_metadata(f),
+                   None if unet_scale is None else float(unet_scale))
+
+    def at(self, scale: float, unet_scale: float | None = None) -> LoRAFile:
+        """The same opened file at other scales (nothing is read again)."""
+        return LoRAFile(self.path, float(scale), self.file, self.modules, self.peft_alpha,
+                        None if unet_scale is None else float(unet_scale))
+
+    def scale_for(self, component: str) -> float:
+        return self.unet_scale if component == "unet" and self.unet_scale is not None else self.scale
 
     def factor(self, component: str, module: LoRAModule, target: str) -> float:
         """scale · alpha / rank (alpha: the file's, else PEFT's from the metadata, else the rank)."""
@@ -143,12 +161,14 @@ class LoRAFile:
             rslora = bool(config.get("use_rslora"))
         if alpha is None:
             alpha = float(rank)
-        return self.scale * alpha / (math.sqrt(rank) if rslora else rank)
+        return self.scale_for(component) * alpha / (math.sqrt(rank) if rslora else rank)
 
     def fingerprint_into(self, h) -> None:
         h.update(str(self.path.name).encode())
         self.file.fingerprint_into(h)
         h.update(repr(self.scale).encode())
+        if self.unet_scale is not None:
+            h.update(repr(("unet", self.unet_scale)).encode())
 
     def close(self) -> None:
         self.file.close()
@@ -191,6 +211,15 @@ def _peft_metadata(f: weights.SafetensorsFile) -> dict[str, dict]:
     return configs
 
 
+def spec_tuple(spec) -> tuple[Path, float, float | None]:
+    """A LoRA spec — `FILE[:SCALE]`, (file, scale) or (file, text encoders' scale, UNet scale) — as that triple."""
+    if isinstance(spec, str):
+        path, scale = parse_spec(spec)
+        return path, scale, None
+    unet = spec[2] if len(spec) > 2 else None
+    return Path(spec[0]), float(spec[1]) if len(spec) > 1 else 1.0, None if unet is None else float(unet)
+
+
 @dataclass
 class LoRASet:
     """Several LoRA files, each at its own scale, applied together."""
@@ -199,12 +228,9 @@ class LoRASet:
 
     @classmethod
     def load(cls, specs) -> LoRASet:
-        """From `FILE[:SCALE]` strings (as `--lora` gives them) or (path, scale) pairs."""
-        files = []
-        for spec in specs:
-            path, scale = parse_spec(spec) if isinstance(spec, str) else (Path(spec[0]), float(spec[1]))
-            files.append(LoRAFile.open(path, scale))
-        return cls(files)
+        """From `FILE[:SCALE]` strings (as `--lora` gives them), (path, scale) pairs or (path, text encoders'
+        scale, UNet's scale) triples."""
+        return cls([LoRAFile.open(*spec_tuple(spec)) for spec in specs])
 
     def components(self) -> set[str]:
         """The components some file modifies (a build that does not build one of them should say so)."""
@@ -312,11 +338,131 @@ class MergedComponent(weights.Component):
 
 
 def merged(component: weights.Component, lora_set: LoRASet | None) -> weights.Component:
-    """`component` with every LoRA of `lora_set` on it merged in (itself when none touches it)."""
+    """`component` with every LoRA of `lora_set` on it merged in (itself when none touches it). Into a merged
+    component, the new terms come after its own: the same weights as one set of both files."""
     if lora_set is None:
         return component
     deltas = deltas_for(component, lora_set)
     if not deltas:
         return component
     touching = [f for f in lora_set.files if component.name in f.modules]
+    if isinstance(component, MergedComponent):
+        combined = {key: list(terms) for key, terms in component.deltas.items()}
+        for key, terms in deltas.items():
+            combined.setdefault(key, []).extend(terms)
+        return MergedComponent(component.base, combined, component.loras + touching)
     return MergedComponent(component, deltas, touching)
+
+
+# ---------------------------------------------------------------- A1111's prompt tags and LoRA folder
+
+# A1111's extra-network tag (modules/extra_networks.py): `<kind:arg1:arg2:...>`, removed from the prompt
+# before it is encoded; `lyco` is the LyCORIS extension's name for the same thing.
+TAG = re.compile(r"<(\w+):([^>]+)>")
+TAG_KINDS = ("lora", "lyco")
+
+
+@dataclass(frozen=True)
+class PromptLoRA:
+    """One `<lora:name:te:unet>` tag: the name, and the text encoders' and the UNet's multipliers."""
+
+    name: str
+    te: float
+    unet: float
+    tag: str
+
+
+def prompt_loras(prompt: str) -> tuple[str, list[PromptLoRA]]:
+    """(the prompt without its LoRA tags, the tags), A1111's reading: `<lora:name>` is 1, `<lora:name:m>` is m for
+    both, `<lora:name:te:unet>` one each, or named `te=`/`unet=`. Another kind of tag is refused by name."""
+    found = []
+
+    def take(match) -> str:
+        kind, args = match.group(1), match.group(2).split(":")
+        tag = match.group(0)
+        if kind not in TAG_KINDS:
+            raise UserError(f"prompt tag {tag}: '{kind}' extra networks are not supported (LoRAs are: <lora:name:0.8>)")
+        positional = [a.strip() for a in args if "=" not in a]
+        named = dict(a.split("=", 1) for a in args if "=" in a)
+        named = {k.strip(): v.strip() for k, v in named.items()}
+        unknown = sorted(set(named) - {"te", "unet"})
+        if unknown or len(positional) > 3 or not positional or not positional[0]:
+            raise UserError(f"prompt tag {tag}: expected <lora:name>, <lora:name:weight>, <lora:name:te_weight:"
+                            "unet_weight> or te=/unet= (dyn= and other arguments are not supported)")
+        try:
+            te = float(positional[1]) if len(positional) > 1 else 1.0
+            te = float(named.get("te", te))
+            unet = float(positional[2]) if len(positional) > 2 else te
+            unet = float(named.get("unet", unet))
+        except ValueError:
+            raise UserError(f"prompt tag {tag}: a weight is not a number") from None
+        if not (math.isfinite(te) and math.isfinite(unet)):
+            raise UserError(f"prompt tag {tag}: weights must be finite numbers")
+        found.append(PromptLoRA(positional[0], te, unet, tag))
+        return ""
+
+    return TAG.sub(take, prompt), found
+
+
+def metadata_of(path: Path) -> dict:
+    """A safetensors file's `__metadata__` (strings), read from its header alone."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length)) if 0 < length <= weights.MAX_HEADER_BYTES else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def short_hash(path: Path) -> str:
+    """A1111's `Lora hashes` entry: the first 12 hex digits of sha256 over the file's tensor data (after the
+    safetensors header), the "AddNet" hash kohya's tools write and A1111 shows; computed once per file version."""
+    stat = Path(path).stat()
+    return _short_hash(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _short_hash(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        f.seek(8 + length)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+class LoRAFolder:
+    """The LoRA files under a folder (`--lora-dir`), as A1111 lists them: `name` is the file's stem, `alias`
+    its `ss_output_name` metadata (else the name); a tag finds a file by name, else by alias, exactly (case
+    matters). A name two files share is refused with both paths. `refresh` looks again."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder).expanduser()
+        if not self.folder.is_dir():
+            raise UserError(f"--lora-dir {folder}: not a folder")
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.entries = []
+        for path in sorted(self.folder.rglob("*.safetensors")):
+            meta = metadata_of(path)
+            self.entries.append({"name": path.stem, "alias": meta.get("ss_output_name") or path.stem,
+                                 "path": str(path), "metadata": meta})
+
+    def find(self, name: str) -> Path:
+        for field_name in ("name", "alias"):
+            hits = [e for e in self.entries if e[field_name] == name]
+            if len(hits) > 1:
+                raise UserError(f"<lora:{name}>: {len(hits)} LoRA files in {self.folder} are called {name!r} "
+                                f"({', '.join(e['path'] for e in hits)}); rename one")
+            if hits:
+                return Path(hits[0]["path"])
+        have = ", ".join(e["name"] for e in self.entries[:20]) or "none"
+        raise UserError(f"<lora:{name}>: no LoRA named {name!r} in {self.folder} (it has: {have})")
+
+    def resolve(self, tags: list[PromptLoRA]) -> list[tuple[Path, float, float]]:
+        """The (file, text encoders' scale, UNet's scale) of each tag."""
+        return [(self.find(t.name), t.te, t.unet) for t in tags]

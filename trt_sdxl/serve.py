@@ -12,7 +12,10 @@ engines of one folder (`--cpu`: their networks through netexec, for tiny models 
   The answer is A1111's: `images` (base64 PNGs whose `parameters` chunk is the infotext),
   `parameters` (the request as run), `info` (a JSON string: seeds, infotexts, sizes, model, ...).
   Prompts use A1111's syntax: `(word:1.2)`, `[word]`, BREAK; prompts beyond 75 tokens are encoded
-  in 75-token chunks where the engines take them (build --prompt-chunks), as A1111 does.
+  in 75-token chunks where the engines take them (build --prompt-chunks), as A1111 does; and
+  `<lora:name:0.8>` (or `<lora:name:te:unet>`) applies a LoRA file of `--lora-dir` to that request: the
+  engines (built --refittable) are refit between requests when the set of LoRAs changes, from cached
+  weights where the set was used before. `GET /sdapi/v1/loras` lists the folder as A1111 does.
 - The other endpoints clients call: options (get/set), sd-models, samplers, schedulers, upscalers,
   latent-upscale-modes, sd-vae, loras, prompt-styles, embeddings, cmd-flags, progress (no preview
   image: `current_image` is null), interrupt, skip, and `/internal/ping`.
@@ -184,6 +187,10 @@ def parse_txt2img(body, generator: Generator, options: dict) -> Request:
                            "/sdapi/v1/prompt-styles lists none)")
     overrides = fields["override_settings"] or {}
     check_options(overrides, generator, "override_settings")
+    try:
+        generator.check_prompt_loras(fields["prompt"])
+    except UserError as e:
+        raise RequestError(400, f"prompt: {e}") from None
     scheduler = sampler_of(fields["sampler_name"] or fields["sampler_index"], fields["scheduler"])
     eta = fields.get("eta")  # A1111: DDIM's eta, or the ancestral samplers' noise multiplier
     fixed_eta = {"ddim": 0.0, "euler_a": 1.0}.get(scheduler)
@@ -513,10 +520,13 @@ def create_app(generator: Generator, queue_size: int = 8, api_auth: str | None =
 
     @app.get("/sdapi/v1/loras")
     def loras():
-        return []
+        folder = generator.lora_folder
+        return [] if folder is None else [dict(e) for e in folder.entries]
 
     @app.post("/sdapi/v1/refresh-loras")
     def refresh_loras():
+        if generator.lora_folder is not None:
+            generator.lora_folder.refresh()
         return None
 
     @app.post("/sdapi/v1/refresh-checkpoints")
@@ -605,6 +615,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m trt_sdxl.serve", description=__doc__.split("\n")[0])
     p.add_argument("--engines", default="engines", help="engines folder (default ./engines)")
     p.add_argument("--cpu", action="store_true", help="run the engines' networks with netexec on the CPU (tiny models)")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="LoRA files for <lora:name:weight> prompt tags (engines built --refittable; A1111's --lora-dir)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}, as A1111)")
     p.add_argument("--api-auth", default=None, metavar="USER:PASS",
@@ -630,7 +642,7 @@ def main(argv=None) -> int:
         parse_auth(args.api_auth)
         if not 0 < args.port < 65536:
             raise UserError(f"--port {args.port}: expected 1-65535")
-        generator = Generator.load(args.engines, device="cpu" if args.cpu else "gpu", log=log)
+        generator = Generator.load(args.engines, device="cpu" if args.cpu else "gpu", log=log, lora_dir=args.lora_dir)
         app = create_app(generator, args.queue, args.api_auth, args.max_request_bytes)
         log(f"serving {Path(args.engines)} ({generator.where}) on http://{args.host}:{args.port}/sdapi/v1 "
             f"(queue {args.queue}" + (", basic auth" if args.api_auth else "") + ")")

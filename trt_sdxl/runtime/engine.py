@@ -201,6 +201,60 @@ class Engine:
         self.runtime = None
 
 
+class EngineRefitter:
+    """TensorRT's refitter over a loaded engine built refittable (`build --refittable`): `refit({name: array})`
+    sets those weights — each must have the dtype and size the engine was built with — supplies any other
+    weight TensorRT then asks for through `missing` (names -> arrays), and refits on `stream`. The engine's
+    execution contexts stay valid (TensorRT's refit documentation); CUDA graphs captured before are the
+    caller's to drop, since no documentation says they see the new weights."""
+
+    def __init__(self, engine: Engine):
+        trt = backend.trt()
+        self.engine = engine
+        self.refitter = trt.Refitter(engine.engine, backend.logger())
+        self.names = set(self.refitter.get_all_weights())
+        if not self.names:
+            raise UserError(f"{engine.name}: the engine has no refittable weights; rebuild it with --refittable")
+
+    def refit(self, weights: dict[str, np.ndarray], stream: Stream, missing=None) -> None:
+        trt = backend.trt()
+        unknown = sorted(set(weights) - self.names)
+        if unknown:
+            raise UserError(f"{self.engine.name}: weights {', '.join(unknown[:3])} are not refittable in this engine; "
+                            "rebuild it with --refittable")
+        held = []  # TensorRT reads host weights during the refit call: keep them alive until it returns
+
+        def send(batch: dict[str, np.ndarray]) -> None:
+            for name, array in batch.items():
+                proto = self.refitter.get_weights_prototype(name)
+                want = dtypes.to_numpy(proto.dtype)
+                if want != array.dtype or proto.size != array.size:
+                    raise UserError(f"{self.engine.name}: weight {name!r} is {want} x {proto.size} in the engine, "
+                                    f"the refit has {array.dtype} x {array.size}; rebuild the engine")
+                array = np.ascontiguousarray(array)
+                held.append(array)
+                if not self.refitter.set_named_weights(name, trt.Weights(array)):
+                    raise CudaError(f"{self.engine.name}: TensorRT refused the weights of {name!r}")
+
+        send(weights)
+        asked = list(self.refitter.get_missing_weights())
+        if asked and missing is not None:
+            send(missing(asked))
+            asked = list(self.refitter.get_missing_weights())
+        if asked:
+            raise CudaError(f"{self.engine.name}: TensorRT also wants weights {', '.join(asked[:3])} for this refit")
+        if not self.refitter.refit_cuda_engine_async(int(stream)):
+            raise CudaError(f"{self.engine.name}: the refit failed (TensorRT's messages above say why)")
+        stream.synchronize()
+
+    def serialize(self) -> bytes:
+        """The refitted engine as a plan, to write in place of the old one."""
+        plan = self.engine.engine.serialize()
+        if plan is None:
+            raise CudaError(f"{self.engine.name}: TensorRT could not serialize the refitted engine")
+        return plan
+
+
 def nbytes(spec: tuple[tuple[int, ...], np.dtype]) -> int:
     shape, dtype = spec
     return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize

@@ -12,8 +12,11 @@ prompt at the opt shape; the UNet's engine takes `cfg_batch` = 2 x batch), `imag
 trt_sdxl.shapes.ImageProfile as JSON, one per optimization profile), `inputs`/`outputs` ([{name,
 shape, dtype}], -1 on a dynamic axis), `input_profiles` (per optimization profile, each input's
 min/opt/max shape; [] for a static engine), `checkpoint` (where it was built from, a record only)
-and `checkpoint_fingerprint`. Every path the runtime follows is relative, so the folder can be
-moved or copied to another machine.
+and `checkpoint_fingerprint`, `refittable` (built with --refittable: `refit_weights` weights may change)
+and `refit_loras` (the LoRAs `python -m trt_sdxl.refit` put into it: [{file, scale, unet_scale}]). A refittable
+build's folder also holds `refit_map.json` (per component, its network's refit map) and `loras`: the LoRAs
+merged at build time. Every path the runtime follows is relative, so the folder can be moved or copied
+to another machine.
 """
 
 from __future__ import annotations
@@ -84,11 +87,15 @@ class EnginesFolder:
         loras = [f"{self.folder / e['file']}:{e['scale']:g}" for e in self.manifest.get("loras") or []]
         if loras:
             flags["lora"] = loras
+        flags["refittable"] = any(e.get("refittable") for e in self.engines.values())
+        flags["no_engines"] = bool(self.engines) and not any(e.get("file") for e in self.engines.values())
         flags.update(overrides)
         parts = [BUILD]
         for name, value in flags.items():
             for one in value if isinstance(value, list) else [value]:
-                if one is not None:
+                if one is True:
+                    parts.append(f"--{name.replace('_', '-')}")
+                elif one is not None and one is not False:
                     parts += [f"--{name.replace('_', '-')}", shlex.quote(str(one))]
         return " ".join(parts)
 
@@ -191,6 +198,50 @@ class EnginesFolder:
             raise UserError(f"{self.folder / missing[0]}: the LoRA the engines were built with is missing; rebuild "
                             f"with `{self.rebuild_command()}`")
         return LoRASet.load([(self.folder / e["file"], float(e["scale"])) for e in entries])
+
+    def refit_map(self, component: str) -> dict:
+        """The refit map of `component`'s network (trt_sdxl.refit_map), from refit_map.json."""
+        from ..refit_map import from_json
+
+        path = self.folder / "refit_map.json"
+        maps = load_json(path, missing={})
+        if not isinstance(maps, dict) or component not in maps:
+            raise UserError(f"{path}: holds no refit map of the {component}; rebuild with "
+                            f"`{self.rebuild_command(refittable=True)}`")
+        return from_json(maps[component], str(path))
+
+    def refit_loras(self, entry: dict) -> list[tuple[Path, float, float | None]]:
+        """The LoRAs a refit put into an engine: (file in the folder, scale, UNet scale or None)."""
+        specs = []
+        for e in entry.get("refit_loras") or []:
+            path = self.folder / e["file"]
+            if not path.is_file():
+                raise UserError(f"{path}: the LoRA the {entry.get('component')} engine was refit with is missing; "
+                                f"refit again with `python -m trt_sdxl.refit --engines {self.folder} --lora FILE`")
+            specs.append((path, float(e["scale"]), None if e.get("unet_scale") is None else float(e["unet_scale"])))
+        return specs
+
+    def base_weights(self, component: str, model=None):
+        """`component`'s weights as the engine was built from them — the checkpoint with the build's LoRAs merged —
+        opened from `model`, else the folder's model copy, else the checkpoint the build read; checked against the
+        fingerprint the manifest recorded."""
+        from .. import lora, weights
+
+        entry = self.entry(component, need_file=False)
+        if model is not None:
+            source = Path(model)
+        elif self.manifest.get("model_weights"):
+            source = self.folder / self.manifest["model"]
+        else:
+            source = model_folder(entry)
+            if not source.exists():
+                raise UserError(f"{self.folder}: the engines folder holds no weights (too large to copy) and the "
+                                f"checkpoint it was built from, {source}, is not here; pass --model PATH")
+        component_weights = lora.merged(weights.open_component(source, component), self.lora_set())
+        if component_weights.fingerprint() != entry.get("checkpoint_fingerprint"):
+            raise UserError(f"{source}: its {component} is not the one the engines of {self.folder} were built from "
+                            "(the fingerprints differ); pass --model with that checkpoint")
+        return component_weights
 
     def calibration_path(self) -> Path:
         path = self.folder / str(self.manifest.get("calibration") or "calibration.npz")
