@@ -283,3 +283,24 @@ def test_a_long_prompt_warns_once_through_the_log(tiny_sdxl, tmp_path, capsys):
     assert code == 0, err
     warnings = [line for line in err if "truncated" in line]
     assert len(warnings) == 1 and warnings[0].startswith("[trt_sdxl.generate] warning: prompts longer than 75"), err
+
+
+def test_lora_flags_refit_for_the_run(refittable_folder, style_folder, lora_dir, tmp_path, capsys):
+    """`--lora-dir` with a `<lora:...>` tag, and `--lora FILE:SCALE`, draw what the build with the LoRA merged
+    draws; a tag without --lora-dir is one line, before anything loads."""
+    from PIL import Image
+
+    from trt_sdxl import Generator
+
+    with Generator.load(style_folder, device="cpu") as g:
+        merged = g.generate("a photo of a sneaker", steps=4, seed=8)[0].rgb
+    for extra in (["a photo of a sneaker <lora:style:0.8>", "--lora-dir", lora_dir],
+                  ["a photo of a sneaker", "--lora", f"{lora_dir / 'style.safetensors'}:0.8"]):
+        out = tmp_path / "lora.png"
+        code, _ = run_cli(capsys, ["--cpu", "--engines", refittable_folder, "--steps", 4, "--seed", 8, "--out", out,
+                                   *extra])
+        assert code == 0
+        np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), merged)
+    code, err = run_cli(capsys, ["--cpu", "--engines", refittable_folder, "a <lora:style:1>", "--out", tmp_path / "x.png"])
+    assert code == 2 and err == ["trt_sdxl.generate: error: prompt tag <lora:style:1>: give --lora-dir DIR, the folder "
+                                 "its LoRA file is in"]

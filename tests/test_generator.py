@@ -160,3 +160,32 @@ def test_the_readme_example_runs(built, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "Seed: 42" in out and "Seed: 43" in out
     assert (tmp_path / "sneaker-42.png").is_file() and (tmp_path / "sneaker-43.png").is_file()
+
+
+def test_set_loras_and_prompt_tags(refittable_folder, style_folder, lora_dir):
+    """set_loras carries LoRAs from call to call; a `<lora:...>` tag adds one for its call only (the networks go
+    back to the standing set for the next); both draw what a build with the LoRA merged draws; a folder built
+    without --refittable refuses, naming the way out."""
+    style = lora_dir / "style.safetensors"
+    with Generator.load(style_folder, device="cpu", lora_dir=lora_dir) as fixed:
+        merged = fixed.generate("a photo of a sneaker", steps=STEPS, seed=2)[0]
+        with pytest.raises(UserError, match="not built refittable: rebuild with --refittable"):
+            fixed.set_loras([(style, 0.8)])
+        with pytest.raises(UserError, match="prompt tag <lora:style:0.8>: the engines were not built refittable"):
+            fixed.generate("a photo of a sneaker <lora:style:0.8>", steps=STEPS, seed=2)
+        assert fixed.set_loras([]) == {}
+    with Generator.load(refittable_folder, device="cpu", lora_dir=lora_dir) as g:
+        base = g.generate("a photo of a sneaker", steps=STEPS, seed=2)[0]
+        tagged = g.generate("a photo of a sneaker <lora:style:0.8>", steps=STEPS, seed=2)[0]
+        np.testing.assert_array_equal(tagged.rgb, merged.rgb)
+        assert tagged.parameters["lora_hashes"].startswith("style: ")
+        np.testing.assert_array_equal(g.generate("a photo of a sneaker", steps=STEPS, seed=2)[0].rgb, base.rgb)
+        assert g.set_loras([f"{style}:0.8"]) == {"text_encoder": 1, "text_encoder_2": 1, "unet": 2}
+        assert g.loras["unet"] == [(style, 0.8, None)]
+        standing = g.generate("a photo of a sneaker", steps=STEPS, seed=2)[0]
+        np.testing.assert_array_equal(standing.rgb, merged.rgb)
+        assert 'Lora hashes: "style: ' in standing.infotext
+        twice = g.generate("a photo of a sneaker <lora:style:0.8>", steps=STEPS, seed=2)[0]  # standing + tag
+        assert not np.array_equal(twice.rgb, merged.rgb)
+        with pytest.raises(UserError, match="no LoRA named 'nope'"):
+            g.generate("<lora:nope>", steps=STEPS)

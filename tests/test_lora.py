@@ -311,3 +311,86 @@ def test_merged_text_encoders_match_peft(oracle, layout, encoder):
     assert moved > 10 * BUDGET
     for key, err in errors.items():
         assert err <= BUDGET, f"{layout} {name}: {key} rel L2 {err:.3e}"
+
+
+# ---------------------------------------------------------------- A1111's prompt tags and LoRA folder
+
+
+@pytest.mark.parametrize("prompt, text, found", [
+    ("a cat <lora:style>", "a cat ", [("style", 1.0, 1.0)]),
+    ("<lora:style:0.8> a cat", " a cat", [("style", 0.8, 0.8)]),
+    ("a cat <lora:style:0.5:1.2>", "a cat ", [("style", 0.5, 1.2)]),
+    ("a cat <lora:style:unet=0.3>", "a cat ", [("style", 1.0, 0.3)]),
+    ("a cat <lora:style:0.7:te=0.2>", "a cat ", [("style", 0.2, 0.2)]),  # unet follows te, named or not
+    ("<lyco:a:1><lora:b:-0.5>, (red:1.2)", ", (red:1.2)", [("a", 1.0, 1.0), ("b", -0.5, -0.5)]),
+    ("no tags, <not a tag>", "no tags, <not a tag>", []),
+])
+def test_prompt_tags_read_as_a1111_reads_them(prompt, text, found):
+    """A1111's extra-network reading (extensions-builtin/Lora/extra_networks_lora.py): te from the first
+    number (or te=), unet from the second (or unet=), else te; tags removed from the text."""
+    clean, tags = lora.prompt_loras(prompt)
+    assert clean == text and [(t.name, t.te, t.unet) for t in tags] == found
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("<hypernet:x:1>", "'hypernet' extra networks are not supported"),
+    ("<lora:x:abc>", "a weight is not a number"),
+    ("<lora:x:1:dyn=4>", "dyn= and other arguments are not supported"),
+    ("<lora:x:1:2:3:4>", "expected <lora:name>"),
+    ("<lora:x:inf>", "weights must be finite"),
+])
+def test_bad_prompt_tags_are_one_error(prompt, message):
+    with pytest.raises(UserError, match=message):
+        lora.prompt_loras(prompt)
+
+
+def test_lora_folder_finds_by_name_then_alias_and_hashes_the_data(tmp_path):
+    from tiny_loras import tiny_default_lora
+
+    folder = tmp_path / "loras"
+    (folder / "sub").mkdir(parents=True)
+    a = tiny_default_lora(folder / "style.safetensors", metadata={"ss_output_name": "house_style"})
+    b = tiny_default_lora(folder / "sub" / "other.safetensors", seed=4)
+    found = lora.LoRAFolder(folder)
+    assert [(e["name"], e["alias"]) for e in found.entries] == [("style", "house_style"), ("other", "other")]
+    assert found.entries[0]["metadata"] == {"ss_output_name": "house_style"}
+    assert found.find("style") == a and found.find("house_style") == a and found.find("other") == b
+    with pytest.raises(UserError, match="no LoRA named 'Style'"):  # names match exactly, case included
+        found.find("Style")
+    tiny_default_lora(folder / "style_copy.safetensors", metadata={"ss_output_name": "other"})
+    found.refresh()
+    assert found.find("other") == b  # a name wins over another file's alias
+    tiny_default_lora(folder / "sub" / "style.safetensors")
+    found.refresh()
+    with pytest.raises(UserError, match="2 LoRA files .* are called 'style'"):
+        found.find("style")
+    # A1111's "AddNet" hash covers the tensor data only: other metadata, the same hash
+    data = a.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    assert lora.short_hash(a) == __import__("hashlib").sha256(data[8 + length:]).hexdigest()[:12]
+    same = tiny_default_lora(tmp_path / "renamed.safetensors", metadata={"ss_output_name": "x", "note": "y"})
+    assert lora.short_hash(same) == lora.short_hash(a) != lora.short_hash(b)
+
+
+def test_merging_into_a_merged_component_is_one_set_of_both(unet_folder, tmp_path):
+    """merged(merged(base, a), b) binds, bit for bit, what merged(base, {a, b}) does (the build's LoRAs, then a
+    refit's); a per-UNet scale applies to the UNet only."""
+    from tiny_loras import tiny_default_lora
+
+    from trt_sdxl.components import DEFAULT_MODEL
+
+    a = tiny_default_lora(tmp_path / "a.safetensors", seed=1)
+    b = tiny_default_lora(tmp_path / "b.safetensors", seed=2)
+    base = weights.open_component(DEFAULT_MODEL, "unet")
+    nested = lora.merged(lora.merged(base, lora.LoRASet.load([(a, 0.5)])), lora.LoRASet.load([(b, 0.7, -0.3)]))
+    together = lora.merged(base, lora.LoRASet.load([(a, 0.5), (b, 0.7, -0.3)]))
+    key = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    assert np.array_equal(nested.get(key).view(np.uint16), together.get(key).view(np.uint16))
+    assert nested.fingerprint() == together.fingerprint()
+    unet_only = lora.merged(base, lora.LoRASet.load([(b, 0.7, -0.3)]))
+    by_hand = lora.merged(base, lora.LoRASet.load([(b, -0.3)]))
+    assert np.array_equal(unet_only.get(key), by_hand.get(key))
+    te = weights.open_component(DEFAULT_MODEL, "text_encoder")
+    q = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert np.array_equal(lora.merged(te, lora.LoRASet.load([(b, 0.7, -0.3)])).get(q),
+                          lora.merged(te, lora.LoRASet.load([(b, 0.7)])).get(q))

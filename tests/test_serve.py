@@ -9,6 +9,7 @@ import base64
 import importlib.util
 import io
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 requests = pytest.importorskip("requests")
 pytest.importorskip("fastapi")
@@ -175,6 +177,7 @@ def test_sillytavern_style_endpoint_sequence(server):
     ({"prompt": "x", "steps": 0}, 422, "steps=0: expected at least 1"),
     ({"prompt": "x", "steps": 2, "override_settings": {"sd_model_checkpoint": "other"}}, 400, "serves one model"),
     ({"prompt": "x", "steps": 2, "styles": ["cinematic"]}, 400, "no prompt styles"),
+    ({"prompt": "x <lora:style:0.8>", "steps": 2}, 400, "prompt: prompt tag <lora:style:0.8>: no LoRA folder"),
     ([1, 2], 422, "must be a JSON object"),
 ])
 def test_bad_requests_get_a1111_json_errors(server, body, status, needle):
@@ -216,6 +219,43 @@ def test_bounded_load_test_loses_nothing(generator):
     print(f"\nload test: {result}")
     assert result["lost"] == 0 and result["answered_twice"] == 0, result
     assert result["answered"] + result["rejected"] == 50 and result["answered"] >= 5 and result["rejected"] >= 1
+
+
+def test_lora_tags_refit_between_requests(refittable_folder, lora_dir, tmp_path):
+    """`--lora-dir`: GET /loras lists the folder as A1111 does; `<lora:style:0.8>` (or its alias) draws what
+    set_loras draws, a request without a tag what the base draws (the server refits between them), the infotext
+    names the LoRA's hash, a name the folder lacks is a 400, and refresh-loras sees a new file."""
+    from tiny_loras import tiny_default_lora
+
+    folder = tmp_path / "loras"
+    shutil.copytree(lora_dir, folder)
+    with Generator.load(refittable_folder, device="cpu") as reference:
+        base = reference.generate(PROMPT, steps=4, seed=3, weighting=True)[0]
+        reference.set_loras([(folder / "style.safetensors", 0.8)])
+        styled = reference.generate(PROMPT, steps=4, seed=3, weighting=True)[0]
+    generator = Generator.load(refittable_folder, device="cpu", lora_dir=folder)
+    live = serve_load.LiveServer(generator, queue_size=4)
+    try:
+        listed = get(live, "/sdapi/v1/loras").json()
+        assert [(e["name"], e["alias"], Path(e["path"]).name) for e in listed] == \
+            [("style", "house_style", "style.safetensors")]
+        for prompt, expected in ((f"{PROMPT} <lora:style:0.8>", styled), (PROMPT, base),
+                                 (f"<lora:house_style:0.8>{PROMPT}", styled)):
+            r = post(live, "/sdapi/v1/txt2img", {"prompt": prompt, "seed": 3, "steps": 4, "sampler_name": "Euler",
+                                                 "cfg_scale": 5})
+            assert r.status_code == 200, r.text
+            png = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+            np.testing.assert_array_equal(np.asarray(png.convert("RGB")), expected.rgb)
+            infotext = json.loads(r.json()["info"])["infotexts"][0]
+            assert infotext.startswith(prompt) and ('Lora hashes: "' in infotext) == (expected is styled), infotext
+        r = post(live, "/sdapi/v1/txt2img", {"prompt": "x <lora:nothing:1>", "steps": 2})
+        assert r.status_code == 400 and "no LoRA named 'nothing'" in r.json()["detail"]
+        tiny_default_lora(folder / "newer.safetensors", seed=5)
+        assert post(live, "/sdapi/v1/refresh-loras").status_code == 200
+        assert [e["name"] for e in get(live, "/sdapi/v1/loras").json()] == ["newer", "style"]
+    finally:
+        live.stop()
+        generator.close()
 
 
 def test_serve_cli_errors_are_one_line(engines):
