@@ -178,6 +178,27 @@ def test_engine_files_are_replaced_atomically(refittable_folder, lora_dir, tmp_p
     assert cleared["engines"]["unet"]["file"] == "unet.fp16.test.sm89.plan"  # no LoRA: the plain name again
     assert set(made["unet"].got) == {f"down_blocks.1.attentions.0.transformer_blocks.0.attn1.{p}.weight"
                                      for p in ("to_q", "to_v")}  # the LoRA's weights, back to the base
+    assert not list((folder / "model" / "loras").glob("*.safetensors"))  # no engine carries it: gone
+
+
+def test_base_weights_come_from_the_checkpoint_the_build_read(refittable_folder, lora_dir, tmp_path):
+    """A folder without a copy of the weights (a full-size model's) reads them from the checkpoint the build
+    recorded, or from --model; a checkpoint that is not the build's is refused by its fingerprint."""
+    from trt_sdxl.components import DEFAULT_MODEL
+
+    folder = tmp_path / "engines"
+    shutil.copytree(refittable_folder, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["model_weights"] = False
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    style = f"{lora_dir / 'style.safetensors'}:{STYLE_SCALE}"
+    assert refit.refit(folder, [style])["engines"]["unet"]["refit_loras"]
+    other = tmp_path / "other"
+    shutil.copytree(DEFAULT_MODEL, other)
+    config = json.loads((other / "unet" / "config.json").read_text())
+    (other / "unet" / "config.json").write_text(json.dumps({**config, "_note": "a fine-tune"}))
+    line = one_line_error(run_refit("--engines", str(folder), "--clear", "--model", str(other)))
+    assert "its unet is not the one the engines of" in line and "the fingerprints differ" in line
 
 
 def test_refit_mistakes_are_one_line(refittable_folder, style_folder, lora_dir, tmp_path):

@@ -282,10 +282,14 @@ class Delta:
     down: np.ndarray
 
     def apply(self, w: np.ndarray) -> np.ndarray:
-        """w + factor · (up @ down) in float32 (conv: up [O, r, 1, 1] @ down [r, C, kh, kw] -> [O, C, kh, kw])."""
+        """w + factor · (up @ down) in float32 (conv: up [O, r, 1, 1] @ down [r, C, kh, kw] -> [O, C, kh, kw]),
+        in place in the product (the same roundings as the expression, without its temporaries)."""
         up = self.up.reshape(self.up.shape[0], -1)  # [O, r]
         down = self.down.reshape(self.down.shape[0], -1)  # [r, C·kh·kw]
-        return w + np.float32(self.factor) * (up @ down).reshape(w.shape)
+        term = (up @ down).reshape(w.shape)
+        term *= np.float32(self.factor)
+        term += w
+        return term
 
 
 def deltas_for(component: weights.Component, lora_set: LoRASet) -> dict[str, list[Delta]]:

@@ -157,6 +157,6 @@ class LoRASwitch:
             found = refit_map.refit_weights(source.refit, merged, source.plan(), names)
             self.recomputed += 1
         self._cache[cache_key] = found
-        while len(self._cache) > 1 and sum(a.nbytes for w in self._cache.values() for a in w.values()) > self.cache_bytes:
-            self._cache.popitem(last=False)
+        while self._cache and sum(a.nbytes for w in self._cache.values() for a in w.values()) > self.cache_bytes:
+            self._cache.popitem(last=False)  # the oldest first; a set larger than the budget is not kept at all
         return found

@@ -44,11 +44,11 @@ log = logger("trt_sdxl.refit")
 
 def refit_filename(base: str, specs: list) -> str:
     """`unet.fp16.trtrtx1.7.1.sm89.plan` carrying LoRAs -> `unet.fp16.trtrtx1.7.1.sm89.lora-1a2b3c4d.plan` (a digest of
-    the LoRA files' names and scales); the plain name again without LoRAs."""
+    the LoRA files' contents and scales); the plain name again without LoRAs."""
     stem = base.split(".lora-")[0].removesuffix(".plan")
     if not specs:
         return f"{stem}.plan"
-    digest = hashlib.sha256(repr([(Path(p).name, te, unet) for p, te, unet in specs]).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(repr([(lora.short_hash(p), te, unet) for p, te, unet in specs]).encode()).hexdigest()[:8]
     return f"{stem}.lora-{digest}.plan"
 
 
@@ -103,7 +103,12 @@ def refit(engines_dir, loras: list, model=None, log=log, refitters=gpu_refitters
     if not refittable:
         raise UserError(f"{folder.folder}: its engines were not built refittable; rebuild with "
                         f"`{folder.rebuild_command(refittable=True)}`")
-    touched = {c for f in lora.LoRASet.load(specs).files for c in f.modules}
+    engine_refitters: dict = {}  # component -> (refit, serialize), once the engines are loaded
+    switch = LoRASwitch(folder_sources(folder, entries, model),
+                        lambda c, weights, more: engine_refitters[c][0](weights, more) if c in engine_refitters
+                        else None,  # a component without an engine file: its network alone, nothing to send
+                        carried={c: folder.refit_loras(entries[c]) for c in refittable}, log=log)
+    touched = {c for f in switch.open(specs) for c in f.modules}  # each file read once: set() takes them from here
     fixed = sorted(touched - set(refittable))
     if fixed:
         raise UserError(f"the LoRAs change the {', '.join(fixed)}, whose engine in {folder.folder} is not refittable; "
@@ -112,15 +117,11 @@ def refit(engines_dir, loras: list, model=None, log=log, refitters=gpu_refitters
     started = time.perf_counter()
     serialized = {}
     if with_files:
-        with refitters(folder, with_files) as engine_refitters:
-            switch = LoRASwitch(folder_sources(folder, entries, model),
-                                lambda c, weights, more: engine_refitters[c][0](weights, more),
-                                carried={c: folder.refit_loras(entries[c]) for c in refittable}, log=log)
+        with refitters(folder, with_files) as made:
+            engine_refitters.update(made)
             sent = switch.set({c: specs for c in refittable})
-            serialized = {c: engine_refitters[c][1]() for c in sent}
+            serialized = {c: engine_refitters[c][1]() for c in sent if c in engine_refitters}
     else:  # networks only (--no-engines): the LoRAs are checked against them, and recorded
-        switch = LoRASwitch(folder_sources(folder, entries, model), lambda c, weights, more: None,
-                            carried={c: folder.refit_loras(entries[c]) for c in refittable}, log=log)
         sent = switch.set({c: specs for c in refittable})
     if not sent:
         log(f"{folder.folder}: the engines carry these LoRAs already; nothing changed")
@@ -132,13 +133,14 @@ def refit(engines_dir, loras: list, model=None, log=log, refitters=gpu_refitters
     try:
         recorded = [{"file": copy_into(folder, path, staged), "scale": te, "unet_scale": unet}
                     for path, te, unet in specs]
-        for c in sent:
+        for c in refittable:  # each carries them now (one whose weights did not change, e.g. at its own scale, too)
             entry = manifest["engines"][c]
             entry["refit_loras"] = recorded
             if c in serialized:
                 name = refit_filename(entry["file"], specs)
                 staged[folder.folder / name] = write_temporary(folder.folder / name, serialized[c])
-                removed.append(folder.folder / entry["file"])
+                if name != entry["file"]:
+                    removed.append(folder.folder / entry["file"])
                 entry["file"] = name
         for final, tmp in list(staged.items()):
             os.replace(tmp, final)
@@ -151,6 +153,11 @@ def refit(engines_dir, loras: list, model=None, log=log, refitters=gpu_refitters
         old.unlink(missing_ok=True)
         for cache in (old.parent / RUNTIME_CACHE_FOLDER).glob(f"{old.name}.*.cache"):
             cache.unlink(missing_ok=True)
+    kept = {e["file"] for e in manifest.get("loras") or []} | {
+        r["file"] for e in manifest["engines"].values() for r in e.get("refit_loras") or []}
+    for stale in (folder.folder / MODEL_FOLDER / LORA_FOLDER).glob("*.safetensors"):
+        if stale.relative_to(folder.folder).as_posix() not in kept:  # an earlier refit's LoRA no engine carries
+            stale.unlink(missing_ok=True)
     what = ", ".join(f"{Path(p).name}:{te:g}" + (f" (UNet {unet:g})" if unet is not None else "")
                      for p, te, unet in specs) or "none"
     log(f"{folder.folder}: refit {', '.join(f'{c} ({n} weights)' for c, n in sent.items())} in "
