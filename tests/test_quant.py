@@ -345,3 +345,34 @@ def test_8bit_from_a_single_file_needs_a_table(tiny, tmp_path):
     single = tiny_models.make_single_file("weights/tiny-sdxl/unet", tmp_path / "sdxl.safetensors")
     with pytest.raises(UserError, match="needs the tokenizers of a diffusers pipeline folder.*--calibration FILE"):
         workflow.calibrate_and_tune(single, component, "int8", height=64, width=64)
+
+
+def test_calibrations_with_and_without_a_lora_join_as_more_prompts(tmp_path):
+    """`build --calibrate-lora`: the prompts run again on the UNet with a LoRA merged, into the same statistics —
+    per-call maxima side by side, channel maxima the larger, minima the smaller, means the mean of both."""
+    from tiny_loras import tiny_default_lora
+
+    from trt_sdxl import lora
+    from trt_sdxl.calibration.calibrate import StatsCollector, calibrate_into
+
+    component = weights.open_component("weights/tiny-sdxl", "unet")
+    merged = lora.merged(weights.open_component("weights/tiny-sdxl", "unet"),
+                         lora.LoRASet.load([tiny_default_lora(tmp_path / "style.safetensors", components=("unet",))]))
+    cfg = UNetConfig.parse(component.config)
+    encode, prompts = random_encoder(cfg), ["calibration 0", "calibration 1"]
+    executors = [NetexecExecutor(define(c, calibration_taps=True)) for c in (component, merged)]
+    run = dict(steps=RUN["steps"], latent_shape=RUN["latent_shape"])
+    alone = [calibrate.run_calibration(e, encode, prompts, **run) for e in executors]
+    joint = StatsCollector(2 * len(prompts), RUN["steps"])
+    for k, e in enumerate(executors):
+        calibrate_into(joint, e, encode, prompts, offset=k * len(prompts), **run)
+    table = joint.table({})
+    moved = 0
+    for path, amax in table.tensor_amax.items():
+        np.testing.assert_array_equal(amax, np.concatenate([t.tensor_amax[path] for t in alone]))
+        a, b = (t.channel_amax[path] for t in alone)
+        np.testing.assert_array_equal(table.channel_amax[path][1], np.maximum(a[1], b[1]))
+        np.testing.assert_array_equal(table.channel_amax[path][2], np.minimum(a[2], b[2]))
+        np.testing.assert_allclose(table.channel_amax[path][0], (a[0] + b[0]) / 2, rtol=1e-6)
+        moved += not np.array_equal(a, b)
+    assert moved > 10  # the LoRA changes what many layers see

@@ -96,7 +96,10 @@ def test_refit_8bit_folder_keeps_its_plan(tmp_path, lora_dir):
     build.build(DEFAULT_MODEL, folder, precision="int8", engines=False, refittable=True, calibration=str(table_path))
     assert json.loads((folder / "manifest.json").read_text())["engines"]["unet"]["refit_weights"] > 100
     base = image(folder)
-    refit.refit(folder, [f"{lora_dir / 'style.safetensors'}:{STYLE_SCALE}"])
+    said = []
+    refit.refit(folder, [f"{lora_dir / 'style.safetensors'}:{STYLE_SCALE}"], log=said.append)
+    assert any("the 8-bit unet was calibrated without style.safetensors" in m and "--calibrate-lora" in m
+               for m in said), said
     with Generator.load(folder, device="cpu") as g:
         switch = g._loaded.switch
         assert switch.sources["unet"].plan().recipe == "int8"
@@ -104,6 +107,25 @@ def test_refit_8bit_folder_keeps_its_plan(tmp_path, lora_dir):
     assert not np.array_equal(styled.rgb, base.rgb)
     refit.refit(folder, [])
     np.testing.assert_array_equal(image(folder).rgb, base.rgb)
+
+    # a table calibrated with the LoRA (build --calibrate-lora records it so): no warning
+    from trt_sdxl.calibration.workflow import lora_records
+
+    table.meta["calibration_loras"] = lora_records([lora_dir / "style.safetensors"])
+    (folder / "calibration.npz").write_bytes(table.to_bytes())
+    said = []
+    refit.refit(folder, [f"{lora_dir / 'style.safetensors'}:{STYLE_SCALE}"], log=said.append)
+    assert not any("calibrated without" in m for m in said), said
+
+
+@pytest.mark.parametrize("flags", [["--calibrate-lora", "X"], ["--precision", "int8", "--calibrate-lora", "X"],
+                                   ["--refittable", "--no-engines", "--calibrate-lora", "X"]])
+def test_calibrate_lora_is_for_8bit_refittable_builds(flags, lora_dir, tmp_path):
+    args = [a if a != "X" else str(lora_dir / "style.safetensors") for a in flags]
+    proc = subprocess.run([sys.executable, "-m", "trt_sdxl.build", "--out", str(tmp_path / "e"), "--no-engines", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert "--calibrate-lora: for an 8-bit --refittable build" in one_line_error(proc)
+    assert not (tmp_path / "e").exists()
 
 
 class FakeRefitter:
@@ -254,22 +276,24 @@ def _tensorrt_on_gpu():
 
 
 @pytest.mark.gpu
-def test_gpu_refit_runs_like_a_build_with_the_lora(lora_dir, tmp_path, capsys):
-    """FP16, refittable, built for this GPU: before any refit its image equals a plain build's (TensorRT 11.3
-    documents that kREFIT can drop a GEMM bias; we build REFIT_INDIVIDUAL, and this checks it), after a refit with
-    the LoRA it equals a build with the LoRA merged, and the refit's time is printed (pytest -s)."""
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_gpu_refit_runs_like_a_build_with_the_lora(precision, lora_dir, tmp_path):
+    """Refittable engines built for this GPU: before any refit they draw what plain engines draw (TensorRT 11.3
+    documents that kREFIT can drop a GEMM bias; we build REFIT_INDIVIDUAL, and this checks it); refit with the
+    LoRA, they draw what netexec draws from the same folder's networks, and an FP16 one what a build with the LoRA
+    merged draws; the refit's time is printed (pytest -s)."""
     _tensorrt_on_gpu()
     from trt_sdxl import build
     from trt_sdxl.components import DEFAULT_MODEL
 
     style = f"{lora_dir / 'style.safetensors'}:{STYLE_SCALE}"
     plain, refittable, merged = (tmp_path / n for n in ("plain", "refittable", "merged"))
-    build.build(DEFAULT_MODEL, plain, target="native")
-    build.build(DEFAULT_MODEL, refittable, target="native", refittable=True)
-    build.build(DEFAULT_MODEL, merged, target="native", loras=[style])
+    build.build(DEFAULT_MODEL, plain, precision=precision, target="native")
+    build.build(DEFAULT_MODEL, refittable, precision=precision, target="native", refittable=True,
+                calibration=str(plain / "calibration.npz") if precision != "fp16" else None)
 
-    def draw(folder, **kw):
-        with Generator.load(folder, **kw) as g:
+    def draw(folder, device="gpu"):
+        with Generator.load(folder, device=device) as g:
             return g.generate(PROMPT, steps=8, seed=5)[0].rgb.astype(np.float64)
 
     def psnr(a, b):
@@ -279,12 +303,17 @@ def test_gpu_refit_runs_like_a_build_with_the_lora(lora_dir, tmp_path, capsys):
     started = time.perf_counter()
     refit.refit(refittable, [style])
     seconds = time.perf_counter() - started
-    after, reference = draw(refittable), draw(merged)
+    after = draw(refittable)
     with Generator.load(refittable) as g:
         started = time.perf_counter()
         g.set_loras([])
         in_memory = time.perf_counter() - started
-    print(f"\nrefit CLI (3 engines, files written): {seconds:.2f} s; in memory back to base: {in_memory:.3f} s; "
-          f"PSNR refit vs merged build {psnr(after, reference):.1f} dB")
-    assert psnr(after, reference) > 40
-    assert psnr(after, draw(plain)) < psnr(after, reference)  # the LoRA is in
+    figures = {"GPU vs netexec": psnr(after, draw(refittable, "cpu"))}
+    if precision == "fp16":
+        build.build(DEFAULT_MODEL, merged, target="native", loras=[style])
+        figures["refit vs build with the LoRA"] = psnr(after, draw(merged))
+    print(f"\n{precision}: refit CLI (3 engines, files written) {seconds:.2f} s; in memory, back to the base "
+          f"{in_memory:.3f} s; PSNR " + ", ".join(f"{k} {v:.1f} dB" for k, v in figures.items()))
+    assert figures["GPU vs netexec"] > (40 if precision == "fp16" else 30)
+    assert figures.get("refit vs build with the LoRA", 100) > 40
+    assert psnr(after, draw(plain)) < 40  # the LoRA is in

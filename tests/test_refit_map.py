@@ -10,7 +10,7 @@ import pytest
 from tiny_loras import tiny_default_lora
 from test_quant import all_groups, calibrated
 
-from trt_sdxl import backend, lora, refit_map, weights
+from trt_sdxl import lora, refit_map, weights
 from trt_sdxl.components import DEFAULT_MODEL
 from trt_sdxl.models import clip, unet
 from trt_sdxl.quant.percentile import AmaxRule
@@ -118,4 +118,4 @@ def test_every_refittable_weight_is_named_for_tensorrt():
         assert all(net.network.mark_weights_refittable(n) for n in names), \
             [n for n in names if not net.network.are_weights_marked_refittable(n)][:5]
     convs = [n for n, e in fp16.definition.refit.items() if e.role == "weight" and len(e.shape) == 4]
-    assert convs and backend.get()  # the FP16 convolutions' kernels are Weights of the layer, named too
+    assert len(convs) > 20  # among them the FP16 convolutions' own kernels, which are Weights of the layer

@@ -189,7 +189,8 @@ def report_entry(definition, seconds: float) -> dict:
             "tuning_psnr": tuned["report"].get("psnr"),
             "tuning_trajectory_error": tuned["report"].get("trajectory_error"),
             "tuning_candidates": tuned["report"].get("candidates"),
-            "calibration": {k: plan.table.meta[k] for k in ("scheduler", "steps", "cfg", "prompts", "seed")},
+            "calibration": {k: plan.table.meta[k] for k in ("scheduler", "steps", "cfg", "prompts", "seed")}
+            | {"loras": plan.table.meta.get("calibration_loras") or []},
         }
     return entry
 
@@ -396,7 +397,7 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
           vae_precision: str = "fp32", calibration: str | None = None, calibration_prompts: str | None = None,
           calibration_steps: int = 20, engines: bool = True, optimization_level: int | None = None,
           resolutions: list[str] | None = None, prompt_chunks: int | str = 1, loras: list[str] | None = None,
-          refittable: bool = False) -> dict:
+          refittable: bool = False, calibration_loras: list[str] | None = None) -> dict:
     """Build the engines of `components`; returns the manifest written to `out/manifest.json`.
 
     `precision` goes through the recipe matrix (trt_sdxl.support: `auto`, refusals, what this backend
@@ -409,7 +410,9 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
     folder keeps a copy of each, so `generate --cpu` runs the merged networks too. `refittable`: the text
     encoders' and UNet's engines can take other LoRAs later without a rebuild (`python -m trt_sdxl.refit`,
     `Generator.set_loras`, `<lora:name:w>` in prompts): their linear and conv weights (and an 8-bit UNet's weight
-    scales) are marked refittable, and the folder keeps each network's refit map (refit_map.json)."""
+    scales) are marked refittable, and the folder keeps each network's refit map (refit_map.json).
+    `calibration_loras` (8-bit, refittable): calibrate with each of these LoRAs merged too, so the activation
+    scales a refit keeps cover them (trt_sdxl.calibration.workflow)."""
     out = Path(out)
     check_output_folder(out)
     components = check_arguments(components, precision, vae_precision, batch, calibration_steps, optimization_level,
@@ -426,6 +429,14 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
         precision = "fp16"
     check_target_takes(target, vae_precision if "vae" in components else "fp32",
                        RECIPES[precision]["format"] if "unet" in components and precision in RECIPES else "fp16")
+    if calibration_loras:
+        from .lora import parse_spec
+
+        for spec in calibration_loras:
+            parse_spec(spec)
+        if not refittable or "unet" not in components or precision not in RECIPES:
+            raise UserError("--calibrate-lora: for an 8-bit --refittable build (a refit keeps the build's activation "
+                            "scales, so they are calibrated with the LoRAs it will take)")
     log(f"model {model}; {be.name} {be.version}; target {target}; components {', '.join(components)}; "
         f"precision: unet {precision}, vae {vae_precision}, text encoders {TEXT_PRECISION}; "
         f"batch {batch} (unet {2 * shapes.parse_range(batch, '--batch').opt}: uncond + cond)")
@@ -478,7 +489,7 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
                                    calibration=calibration, prompts_file=calibration_prompts,
                                    steps=calibration_steps, stats_cache=out / STATS_CACHE, engines=for_folder,
                                    log=log, checkpoints={c: job.checkpoint for c, job in jobs.items()} if lora_set
-                                   else None)
+                                   else None, calibration_loras=calibration_loras)
         define(jobs["unet"], precision, table)
         lint = fusion_lint.lint(jobs["unet"].network.network)
         log(f"unet: fusion lint: {len(lint)} findings" + "".join(f"\n  {f}" for f in lint[:10])
@@ -817,6 +828,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="make the text encoders' and UNet's engines refittable, so that other LoRAs can be put in "
                         "later without a rebuild (python -m trt_sdxl.refit; <lora:name:w> in prompts with "
                         "--lora-dir); needs a GPU with TensorRT for RTX")
+    p.add_argument("--calibrate-lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="8-bit --refittable builds: calibrate with this LoRA merged too (repeatable), so that the "
+                        "activation scales a refit keeps cover it")
     p.add_argument("--prompt-chunks", default="1", metavar="N",
                    help="prompts up to N x 75 tokens (generate --long-prompts; default 1: 75 tokens)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
@@ -843,7 +857,8 @@ def main(argv=None) -> int:
         calibration=args.calibration, calibration_prompts=args.calibration_prompts,
         calibration_steps=args.calibration_steps, engines=not args.no_engines,
         optimization_level=args.optimization_level, resolutions=args.resolutions,
-        prompt_chunks=args.prompt_chunks, loras=args.lora, refittable=args.refittable),
+        prompt_chunks=args.prompt_chunks, loras=args.lora, refittable=args.refittable,
+        calibration_loras=args.calibrate_lora),
         "nothing was left half-written")
 
 

@@ -212,9 +212,10 @@ def _peft_metadata(f: weights.SafetensorsFile) -> dict[str, dict]:
 
 
 def spec_tuple(spec) -> tuple[Path, float, float | None]:
-    """A LoRA spec — `FILE[:SCALE]`, (file, scale) or (file, text encoders' scale, UNet scale) — as that triple."""
-    if isinstance(spec, str):
-        path, scale = parse_spec(spec)
+    """A LoRA spec — `FILE[:SCALE]` (or a path), (file, scale) or (file, text encoders' scale, UNet scale) — as that
+    triple."""
+    if isinstance(spec, (str, Path)):
+        path, scale = parse_spec(str(spec))
         return path, scale, None
     unet = spec[2] if len(spec) > 2 else None
     return Path(spec[0]), float(spec[1]) if len(spec) > 1 else 1.0, None if unet is None else float(unet)

@@ -7,9 +7,9 @@ A `LoRASwitch` knows, per component (text encoders, UNet), the network's refit m
 recomputes the weights the old or the new LoRAs touch (trt_sdxl.refit_map: bit for bit what a fresh
 definition binds, the 8-bit plan kept) and hands them to `apply(component, {name: array}, more)` — TensorRT's
 refitter on a GPU, the netexec network's weights on the CPU; `more(names)` recomputes any other weight
-the refitter asks for. A network whose LoRAs (at its scales) do
-not change is left alone, and recomputed weights are kept in a bounded cache, so going back to an
-earlier set sends the same arrays again without reading or multiplying anything.
+the refitter asks for. A network whose LoRAs (at its scales) do not change is left alone, and recomputed
+weights are kept in a bounded cache, so going back to an earlier set sends the same arrays again without
+reading or multiplying anything.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from .components import LORA_COMPONENTS
 from .errors import UserError
 from .log import Log, silent
 
-DEFAULT_CACHE_BYTES = 4 << 30  # a full-size SDXL LoRA on every attention and feed-forward weight is ~2 GiB
+# a rank-32 LoRA on every attention and feed-forward weight of full-size SDXL recomputes 3.9 GiB of fp16 weights
+# (tools/bench_refit.py): one such set fits
+DEFAULT_CACHE_BYTES = 4 << 30
 
 
 @dataclass
@@ -95,6 +97,7 @@ class LoRASwitch:
         self._files: dict[tuple, lora.LoRAFile] = {}  # (path, size, mtime) -> the opened file
         self._cache: OrderedDict[tuple, dict] = OrderedDict()
         self.recomputed = 0  # weight sets computed (not taken from the cache), for the tests
+        self._warned: set = set()  # LoRA files an 8-bit network was not calibrated with, said once
         self.carried: dict[str, tuple[tuple, list]] = {}  # component -> (set key, files)
         for component, specs in (carried or {}).items():
             files = self.open(specs)
@@ -134,6 +137,7 @@ class LoRASwitch:
             base = source.base()
             keys = set(lora.deltas_for(base, lora.LoRASet(old_files))) | set(lora.deltas_for(base, lora.LoRASet(files)))
             plans.append((component, key, files, refit_map.touched(source.refit, keys)))
+            self._check_calibration(component, files)
         sent = {}
         for component, key, files, names in plans:
             started = time.perf_counter()
@@ -148,6 +152,21 @@ class LoRASwitch:
             self.log(f"{component}: refit {len(weights)} weights ({computed:.2f} s to compute, "
                      f"{time.perf_counter() - started - computed:.2f} s to send)")
         return sent
+
+    def _check_calibration(self, component: str, files) -> None:
+        """An 8-bit network keeps the activation scales its build calibrated: a LoRA it was not calibrated with can
+        move activations past them (tools/lora_refit_quality.py: a style LoRA lost 24 dB of PSNR that way).
+        Said once per file."""
+        plan = self.sources[component].plan()
+        if plan is None:
+            return
+        covered = {r.get("hash") for r in plan.table.meta.get("calibration_loras") or []}
+        for f in files:
+            if component in f.modules and lora.short_hash(f.path) not in covered and f.path not in self._warned:
+                self._warned.add(f.path)
+                self.log(f"warning: the 8-bit {component} was calibrated without {f.path.name}: a refit keeps its "
+                         "activation scales, which this LoRA may push past (lower image quality); build with "
+                         f"--calibrate-lora {f.path.name} to calibrate for it")
 
     def _weights(self, component: str, key: tuple, merged, names: list[str]) -> dict:
         cache_key = (component, key, tuple(names))

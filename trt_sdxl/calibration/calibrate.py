@@ -68,23 +68,10 @@ class StatsCollector:
         return CalibrationTable(meta=meta, tensor_amax=dict(self.tensor), channel_amax=chan, rows=rows)
 
 
-def run_calibration(unet_executor, encode: Callable[[list[str]], Conditioning], prompts: list[str], *,
-                    scheduler: str = "euler", steps: int = 20, cfg: float = 5.0, seed: int = 0,
-                    latent_shape: tuple[int, int, int] = (4, 128, 128), unet_fingerprint: str = "",
-                    batch: int = 1, log: Log = silent) -> CalibrationTable:
-    """Calibrate over `prompts`, `batch` prompts per UNet call (CFG batch 2 x batch; prompt p is
-    seeded with seed + p whatever the batch); returns the statistics as a table."""
-    collector = StatsCollector(len(prompts), steps)
-    started = time.perf_counter()
-    for first in range(0, len(prompts), batch):
-        chunk = prompts[first:first + batch]
-        trajectory(unet_executor, encode(chunk), schedulers.create(scheduler, steps), cfg, seed + first,
-                   (len(chunk), *latent_shape),
-                   on_step=lambda i, t, out, first=first, n=len(chunk): collector.add_batch(first, n, i, out))
-        done = first + len(chunk)
-        left = (time.perf_counter() - started) / done * (len(prompts) - done)
-        log(f"calibration: prompt {done}/{len(prompts)} ({steps} steps), about {format_seconds(left)} left")
-    meta = {
+def calibration_meta(prompts: list[str], *, scheduler: str, steps: int, cfg: float, seed: int,
+                     latent_shape: tuple[int, int, int], unet_fingerprint: str) -> dict:
+    """A table's meta for a calibration over `prompts` with these settings."""
+    return {
         "format_version": FORMAT_VERSION,
         "unet_fingerprint": unet_fingerprint,
         "scheduler": scheduler,
@@ -95,4 +82,32 @@ def run_calibration(unet_executor, encode: Callable[[list[str]], Conditioning], 
         "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
         "latent_shape": list(latent_shape),
     }
-    return collector.table(meta)
+
+
+def calibrate_into(collector: StatsCollector, unet_executor, encode: Callable[[list[str]], Conditioning],
+                   prompts: list[str], *, offset: int = 0, scheduler: str = "euler", steps: int = 20, cfg: float = 5.0,
+                   seed: int = 0, latent_shape: tuple[int, int, int] = (4, 128, 128), batch: int = 1,
+                   log: Log = silent, what: str = "") -> None:
+    """Run `prompts` through `unet_executor`, `batch` per UNet call (CFG batch 2 x batch; prompt p seeded with
+    seed + p whatever the batch), into `collector` as its prompts offset..offset+len-1."""
+    started = time.perf_counter()
+    for first in range(0, len(prompts), batch):
+        chunk = prompts[first:first + batch]
+        trajectory(unet_executor, encode(chunk), schedulers.create(scheduler, steps), cfg, seed + first,
+                   (len(chunk), *latent_shape),
+                   on_step=lambda i, t, out, first=first, n=len(chunk): collector.add_batch(offset + first, n, i, out))
+        done = first + len(chunk)
+        left = (time.perf_counter() - started) / done * (len(prompts) - done)
+        log(f"calibration{what}: prompt {done}/{len(prompts)} ({steps} steps), about {format_seconds(left)} left")
+
+
+def run_calibration(unet_executor, encode: Callable[[list[str]], Conditioning], prompts: list[str], *,
+                    scheduler: str = "euler", steps: int = 20, cfg: float = 5.0, seed: int = 0,
+                    latent_shape: tuple[int, int, int] = (4, 128, 128), unet_fingerprint: str = "",
+                    batch: int = 1, log: Log = silent) -> CalibrationTable:
+    """Calibrate over `prompts`, `batch` prompts per UNet call; returns the statistics as a table."""
+    collector = StatsCollector(len(prompts), steps)
+    calibrate_into(collector, unet_executor, encode, prompts, scheduler=scheduler, steps=steps, cfg=cfg, seed=seed,
+                   latent_shape=latent_shape, batch=batch, log=log)
+    return collector.table(calibration_meta(prompts, scheduler=scheduler, steps=steps, cfg=cfg, seed=seed,
+                                            latent_shape=latent_shape, unet_fingerprint=unet_fingerprint))

@@ -36,7 +36,7 @@ from ..quant.percentile import AmaxRule
 from ..quant.plan import QuantPlan, fixed_choices
 from ..quant.recipe import RECIPES, check_recipe
 from ..quant.table import CalibrationTable
-from .calibrate import run_calibration
+from .calibrate import StatsCollector, calibrate_into, calibration_meta
 from .prompts import load_prompts, model_prompts
 from .tune import SEEDS_PER_PROMPT, HeldAside, image_space_candidates, tune, tune_layers
 
@@ -220,8 +220,33 @@ def text_conditioning(model, make, height: int, width: int):
     return lambda prompts: pipe.encode_prompt(prompts, None, height, width)
 
 
+def lora_records(specs) -> list[dict]:
+    """How a table's meta records the LoRAs it was calibrated with: file name, scales, A1111's short hash."""
+    from .. import lora
+
+    records = []
+    for spec in specs or ():
+        path, te, unet = lora.spec_tuple(spec)
+        records.append({"file": path.name, "scale": te, "unet_scale": unet, "hash": lora.short_hash(path)})
+    return records
+
+
+def describe_loras(records) -> str:
+    return ", ".join(f"{r['file']}:{r['scale']:g}" for r in records or []) or "no LoRA"
+
+
+def with_lora(model, own: dict, spec) -> dict:
+    """The UNet and text encoders (the build's own where it has them) with the LoRA `spec` merged."""
+    from .. import lora, weights
+
+    lora_set = lora.LoRASet.load([spec])
+    return {c: lora.merged(own.get(c) or weights.open_component(model, c), lora_set)
+            for c in ("unet", "text_encoder", "text_encoder_2")}
+
+
 def cached_calibration(path: Path | None, fingerprint: str, prompts: list[str], steps: int, scheduler: str,
-                       cfg: float, seed: int, latent: tuple, log: Log) -> CalibrationTable | None:
+                       cfg: float, seed: int, latent: tuple, log: Log,
+                       loras: list | None = None) -> CalibrationTable | None:
     """The finished calibration an interrupted build left at `path`, if it was made for exactly this."""
     if path is None or not Path(path).is_file():
         return None
@@ -231,7 +256,8 @@ def cached_calibration(path: Path | None, fingerprint: str, prompts: list[str], 
         return None
     meta = table.meta
     wanted = {"steps": steps, "scheduler": scheduler, "cfg": cfg, "seed": seed, "latent_shape": list(latent),
-              "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+              "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+              "calibration_loras": loras or None}
     if any(meta.get(k) != v for k, v in wanted.items()):
         return None
     log(f"calibration: resuming from the finished calibration in {path} ({meta['prompts']} prompts x {steps} steps)")
@@ -252,7 +278,8 @@ def calibrate_and_tune(model, unet_component, recipe: str, *, height: int, width
                        scheduler: str = "euler", cfg: float = 5.0, seed: int = 0, factory=None,
                        batch: int = CALIBRATION_BATCH, tune_steps: int = TUNE_STEPS,
                        stats_cache: Path | None = None, engines: BuildEngines | None = None,
-                       log: Log = silent, checkpoints: dict | None = None) -> CalibrationTable:
+                       log: Log = silent, checkpoints: dict | None = None,
+                       calibration_loras: list | None = None) -> CalibrationTable:
     """The table for `recipe`: read from `calibration` (tuned now if it lacks `recipe`), or measured
     (`batch` prompts per UNet call). A recipe with fixed parameters (NVIDIA's) takes them as they
     are; the others are tuned on the held-aside prompts with `tune_steps`-step runs: in image space
@@ -263,9 +290,19 @@ def calibrate_and_tune(model, unet_component, recipe: str, *, height: int, width
     `stats_cache`: where the finished calibration is kept before tuning starts, and taken from when
     it matches (same checkpoint, prompts, steps, scheduler, size), so a build interrupted after
     calibrating resumes without calibrating again. `engines`: what the build will write; a GPU
-    factory keeps what it built for it there (BuildEngines.take)."""
+    factory keeps what it built for it there (BuildEngines.take).
+
+    `calibration_loras` (LoRA specs, `build --calibrate-lora`): the prompts run again with each of these LoRAs
+    merged (UNet and text encoders), and their statistics join the base's as if they were more prompts, so
+    the activation scales cover what a refit with them (which keeps the build's scales) will see; the tuning
+    stays on the base model."""
     fingerprint = unet_component.fingerprint()
     table = CalibrationTable.load(calibration, fingerprint) if calibration else None
+    recorded = lora_records(calibration_loras)
+    if table is not None and calibration_loras and table.meta.get("calibration_loras") != recorded:
+        raise UserError(f"--calibrate-lora: {calibration} was calibrated with "
+                        f"{describe_loras(table.meta.get('calibration_loras'))}, not with {describe_loras(recorded)}; "
+                        "drop --calibration to calibrate with these LoRAs")
     if table is not None and recipe in table.meta.get("tuned", {}):
         log(f"calibration: using {calibration} ({table.meta['prompts']} prompts, {table.meta['steps']} steps)")
         return table
@@ -287,24 +324,41 @@ def calibrate_and_tune(model, unet_component, recipe: str, *, height: int, width
         prompts = load_prompts(prompts_file)
         held = heldout_count(len(prompts))
         calib, heldout = prompts[:-held], prompts[-held:]
-        table = cached_calibration(stats_cache, fingerprint, calib, steps, scheduler, cfg, seed, latent, log)
+        table = cached_calibration(stats_cache, fingerprint, calib, steps, scheduler, cfg, seed, latent, log,
+                                   recorded)
     if table is None:
         batch = max(1, min(batch, len(calib)))
+        runs = [None] + list(calibration_loras or [])
         log(f"calibration: {len(calib)} prompts x {steps} steps ({scheduler}, CFG {cfg}), {batch} prompts per "
-            f"call, {held} held aside for tuning")
-        executor = factory("unet", images=batch, calibration_taps=True)
-        try:
-            table = run_calibration(executor, encode, calib, scheduler=scheduler, steps=steps, cfg=cfg, seed=seed,
-                                    latent_shape=latent, unet_fingerprint=fingerprint, batch=batch, log=log)
-            table.meta["heldout"] = heldout
-            if stats_cache is not None:
-                table.save(stats_cache)  # the finished calibration survives an interrupted tuning
-            if per_layer and tuned:
-                # the calibration network's noise_pred is the FP16 UNet's: it runs the FP16 references too
-                reference = fp16_reference(executor, encode, table, heldout, min(tune_steps, steps), seed,
-                                           latent, log)
-        finally:
-            executor.free()
+            f"call, {held} held aside for tuning"
+            + (f"; again with each of {len(runs) - 1} LoRAs merged" if len(runs) > 1 else ""))
+        meta = calibration_meta(calib, scheduler=scheduler, steps=steps, cfg=cfg, seed=seed, latent_shape=latent,
+                                unet_fingerprint=fingerprint)
+        meta["heldout"] = heldout
+        if recorded:
+            meta["calibration_loras"] = recorded
+        collector = StatsCollector(len(calib) * len(runs), steps)
+        own = dict(factory.checkpoints)
+        for r, spec in enumerate(runs):
+            run_encode, what = encode, ""
+            if spec is not None:  # the UNet and text encoders with this LoRA merged
+                factory.checkpoints = with_lora(model, own, spec)
+                run_encode, what = text_conditioning(model, factory, 8 * latent[1], 8 * latent[2]), \
+                    f" with {recorded[r - 1]['file']}"
+            executor = factory("unet", images=batch, calibration_taps=True)
+            try:
+                calibrate_into(collector, executor, run_encode, calib, offset=r * len(calib), scheduler=scheduler,
+                               steps=steps, cfg=cfg, seed=seed, latent_shape=latent, batch=batch, log=log, what=what)
+                if r == 0 and per_layer and tuned:
+                    # the calibration network's noise_pred is the FP16 UNet's: it runs the FP16 references too
+                    reference = fp16_reference(executor, encode, CalibrationTable(meta), heldout,
+                                               min(tune_steps, steps), seed, latent, log)
+            finally:
+                executor.free()
+                factory.checkpoints = own
+        table = collector.table(meta)
+        if stats_cache is not None:
+            table.save(stats_cache)  # the finished calibration survives an interrupted tuning
     fixed = fixed_choices(recipe, QuantPlan(recipe, table, unet_component, rule=AmaxRule(), alphas={}).groups())
     if fixed is not None:
         log(f"{recipe}: NVIDIA's fixed parameters, not tuned (amax {fixed['rule'].describe()})")
