@@ -147,6 +147,9 @@ def test_sillytavern_style_endpoint_sequence(server):
     assert post(server, "/sdapi/v1/options", dict(options, show_progress_every_n_steps=5)).status_code == 200
     assert post(server, "/sdapi/v1/options", dict(options, samples_format="jpg")).status_code == 400
     assert post(server, "/sdapi/v1/options", dict(options, enable_pnginfo=False)).status_code == 400
+    # override_settings holding an option unchanged, one a request may not set included, is accepted as /options is
+    unchanged = dict(body, seed=1, steps=2, override_settings={"enable_pnginfo": True, "samples_format": "png"})
+    assert post(server, "/sdapi/v1/txt2img", unchanged).status_code == 200
 
     # interrupt: the running job stops at its next step and is answered (no image finished)
     result = {}
@@ -178,6 +181,7 @@ def test_sillytavern_style_endpoint_sequence(server):
     ({"prompt": "x", "steps": 2, "override_settings": {"sd_model_checkpoint": "other"}}, 400, "serves one model"),
     ({"prompt": "x", "steps": 2, "styles": ["cinematic"]}, 400, "no prompt styles"),
     ({"prompt": "x <lora:style:0.8>", "steps": 2}, 400, "prompt: prompt tag <lora:style:0.8>: no LoRA folder"),
+    ({"prompt": "x", "steps": 2, "override_settings": {"enable_pnginfo": False}}, 400, "'enable_pnginfo' cannot be set"),
     ([1, 2], 422, "must be a JSON object"),
 ])
 def test_bad_requests_get_a1111_json_errors(server, body, status, needle):

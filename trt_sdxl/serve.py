@@ -186,7 +186,7 @@ def parse_txt2img(body, generator: Generator, options: dict) -> Request:
         raise RequestError(400, f"styles={fields['styles']!r}: this server has no prompt styles (GET "
                            "/sdapi/v1/prompt-styles lists none)")
     overrides = fields["override_settings"] or {}
-    check_options(overrides, generator, "override_settings")
+    check_options(overrides, generator, "override_settings", current=options)
     try:
         generator.check_prompt_loras(fields["prompt"])
     except UserError as e:

@@ -338,7 +338,7 @@ def calibrate_and_tune(model, unet_component, recipe: str, *, height: int, width
         if recorded:
             meta["calibration_loras"] = recorded
         collector = StatsCollector(len(calib) * len(runs), steps)
-        own = dict(factory.checkpoints)
+        own = dict(getattr(factory, "checkpoints", {}))  # a factory made elsewhere may define from `model` alone
         for r, spec in enumerate(runs):
             run_encode, what = encode, ""
             if spec is not None:  # the UNet and text encoders with this LoRA merged
@@ -355,7 +355,8 @@ def calibrate_and_tune(model, unet_component, recipe: str, *, height: int, width
                                                min(tune_steps, steps), seed, latent, log)
             finally:
                 executor.free()
-                factory.checkpoints = own
+                if spec is not None:
+                    factory.checkpoints = own
         table = collector.table(meta)
         if stats_cache is not None:
             table.save(stats_cache)  # the finished calibration survives an interrupted tuning
