@@ -198,7 +198,7 @@ def _check_module(path: Path, m: LoRAModule) -> None:
 
 def _peft_metadata(f: weights.SafetensorsFile) -> dict[str, dict]:
     """component -> the LoraConfig fields diffusers' `save_lora_weights` put in the file's metadata."""
-    meta = json.loads(f.header_bytes).get("__metadata__") or {}
+    meta = f.metadata()
     try:
         flat = json.loads(meta.get(METADATA_KEY) or "{}")
     except json.JSONDecodeError:
@@ -410,15 +410,15 @@ def prompt_loras(prompt: str) -> tuple[str, list[PromptLoRA]]:
 
 
 def metadata_of(path: Path) -> dict:
-    """A safetensors file's `__metadata__` (strings), read from its header alone."""
+    """A safetensors file's `__metadata__` (strings); empty for a file that is not a readable safetensors file."""
     try:
-        with open(path, "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(length)) if 0 < length <= weights.MAX_HEADER_BYTES else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        f = weights.SafetensorsFile(Path(path))
+    except UserError:
         return {}
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return meta if isinstance(meta, dict) else {}
+    try:
+        return f.metadata()
+    finally:
+        f.close()
 
 
 def short_hash(path: Path) -> str:
@@ -430,13 +430,13 @@ def short_hash(path: Path) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _short_hash(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        f.seek(8 + length)
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:12]
+    f = weights.SafetensorsFile(Path(path))
+    data = memoryview(f.mmap)[f.data_offset:]  # the mapped file itself: no copy of a large LoRA
+    try:
+        return hashlib.sha256(data).hexdigest()[:12]
+    finally:
+        data.release()
+        f.close()
 
 
 class LoRAFolder:

@@ -138,6 +138,11 @@ class SafetensorsFile:
             tensors[name] = TensorEntry(self, name, dtype, tuple(shape), self.data_offset + begin, expected)
         return tensors
 
+    def metadata(self) -> dict:
+        """The header's `__metadata__` (a dict of strings; empty where the file has none)."""
+        meta = json.loads(self.header_bytes).get("__metadata__")
+        return meta if isinstance(meta, dict) else {}
+
     def view(self, entry: TensorEntry) -> np.ndarray:
         """The tensor as a read-only array over the mapped file (no copy)."""
         count = entry.nbytes // entry.dtype.itemsize
