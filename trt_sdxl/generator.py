@@ -102,18 +102,20 @@ class _Loaded:
     max_chunks: int | None = None  # prompts up to this many 75-token chunks (None: any)
     switch: object = None  # trt_sdxl.lora_switch.LoRASwitch over the refittable networks; None: none is
     standing: dict = field(default_factory=dict)  # component -> LoRA specs the networks carry between calls
-    no_switch: str = "the engines were not built refittable: rebuild with --refittable, or merge LoRAs at build " \
-                     "time with --lora"
+
+
+NOT_REFITTABLE = "the engines were not built refittable: rebuild with --refittable, or merge LoRAs at build time with " \
+                 "--lora"
 
 
 class Generator:
     """SDXL text to image over a loaded set of networks; see the module docstring."""
 
-    def __init__(self, loaded: _Loaded, log: Log = silent, lora_dir=None):
+    def __init__(self, loaded: _Loaded, log: Log = silent, lora_folder: lora.LoRAFolder | None = None):
         self._loaded = loaded
         self.log = log
         self._lock = threading.Lock()
-        self.lora_folder = None if lora_dir is None else lora.LoRAFolder(lora_dir)
+        self.lora_folder = lora_folder  # where `<lora:name>` prompt tags find their files
 
     # ------------------------------------------------------------ loading
 
@@ -129,9 +131,7 @@ class Generator:
             manifest_module.EnginesFolder(engines_dir)
         lora_folder = None if lora_dir is None else lora.LoRAFolder(lora_dir)  # a wrong folder fails before loading
         loaded = _load_gpu(folder, log, model) if device == "gpu" else _load_cpu(folder, log, model)
-        generator = cls(loaded, log)
-        generator.lora_folder = lora_folder
-        return generator
+        return cls(loaded, log, lora_folder)
 
     @classmethod
     def from_model(cls, model=DEFAULT_MODEL, height: int | None = None, width: int | None = None, batch: int = 1,
@@ -180,7 +180,7 @@ class Generator:
             loaded = self._loaded
             if loaded.switch is None:
                 if loras:
-                    raise UserError(f"set_loras: {loaded.no_switch}")
+                    raise UserError(f"set_loras: {NOT_REFITTABLE}")
                 return {}
             sent = loaded.switch.set({c: loras for c in LORA_COMPONENTS})
             loaded.standing = {c: loras for c in LORA_COMPONENTS}
@@ -189,16 +189,20 @@ class Generator:
     def check_prompt_loras(self, prompt: str) -> list:
         """The (file, text encoders' scale, UNet scale) of each `<lora:...>` tag of `prompt`; a UserError, before any
         work, for a tag without a LoRA folder, a name the folder lacks, or networks that cannot be refit."""
+        return self._prompt_loras(prompt)[2]
+
+    def _prompt_loras(self, prompt: str) -> tuple[str, list, list]:
+        """(the prompt without its LoRA tags, the tags, their (file, te scale, UNet scale)): check_prompt_loras."""
         text, tags = lora.prompt_loras(prompt)
         if not tags:
-            return []
+            return text, [], []
         if self.lora_folder is None:
             raise UserError(f"prompt tag {tags[0].tag}: no LoRA folder to find it in (--lora-dir DIR; "
                             "Generator.load(..., lora_dir=DIR))")
         found = self.lora_folder.resolve(tags)
         if self._loaded.switch is None:
-            raise UserError(f"prompt tag {tags[0].tag}: {self._loaded.no_switch}")
-        return found
+            raise UserError(f"prompt tag {tags[0].tag}: {NOT_REFITTABLE}")
+        return text, tags, found
 
     def _carry(self, extra: list) -> None:
         """Before a call (under the lock): the networks carry the standing LoRAs plus `extra` (a prompt's tags)."""
@@ -236,8 +240,7 @@ class Generator:
         loaded = self._loaded
         if not isinstance(prompt, str):
             raise UserError(f"prompt: expected a string, got {type(prompt).__name__}")
-        extra = self.check_prompt_loras(prompt)
-        text, tags = lora.prompt_loras(prompt)
+        text, tags, extra = self._prompt_loras(prompt)
         height, width = height or loaded.height, width or loaded.width
         self.check(batch, height, width)
         seed = secrets.randbits(32) if seed is None else int(seed)
@@ -278,6 +281,8 @@ class Generator:
                  f"total {time.perf_counter() - started:.2f} s")
         standing = {Path(spec[0]): None for specs in loaded.standing.values() for spec in specs}  # ordered, once each
         carried = [(path.stem, path) for path in standing] + [(t.name, path) for t, (path, _, _) in zip(tags, extra)]
+        # as A1111 records the LoRAs a prompt names: each one's name and hash
+        lora_hashes = ", ".join(f"{name}: {lora.short_hash(path)}" for name, path in carried)
         images = []
         for i in range(batch):
             fields = {"prompt": prompt, "negative_prompt": negative_prompt or "", "steps": steps,
@@ -285,8 +290,8 @@ class Generator:
                       "cfg_scale": cfg, "seed": seed + i,
                       "width": width, "height": height, "model_hash": loaded.model_hash,
                       "model": loaded.model_name, "batch_size": batch, "batch_pos": i}
-            if carried:  # as A1111 records the LoRAs a prompt names: each one's name and hash
-                fields["lora_hashes"] = ", ".join(f"{name}: {lora.short_hash(path)}" for name, path in carried)
+            if lora_hashes:
+                fields["lora_hashes"] = lora_hashes
             images.append(Image(rgb[i], seed + i, infotext(fields), fields))
         return images
 
@@ -420,21 +425,6 @@ def _load_model_cpu(model: Path, height, width, batch: int, log: Log) -> _Loaded
                    check=_profile_check([profile], m, "the CPU networks"), max_chunks=CPU_MAX_CHUNKS)
 
 
-def _switch(folder, entries: dict, model, apply, log: Log, carried: bool) -> tuple:
-    """(LoRASwitch over the folder's refittable networks or None, the LoRAs the folder's engines carry). `carried`:
-    the networks carry them already (engines); else (the CPU's fresh networks) they are put in now."""
-    from .lora_switch import LoRASwitch, folder_sources
-
-    sources = folder_sources(folder, entries, model)
-    standing = {c: folder.refit_loras(entries[c]) for c in LORA_COMPONENTS}
-    if not sources:
-        return None, standing
-    switch = LoRASwitch(sources, apply, carried=standing if carried else None, log=log)
-    if not carried:
-        switch.set(standing)
-    return switch, standing
-
-
 def _load_cpu(folder, log: Log, model_weights=None) -> _Loaded:
     """The networks an engines folder's engines were built from, defined again and run by netexec."""
     from .quant.table import CalibrationTable
@@ -464,7 +454,9 @@ def _load_cpu(folder, log: Log, model_weights=None) -> _Loaded:
 
         NetworkWeights(run[component].network, weights).set(weights)
 
-    switch, standing = _switch(folder, entries, model_weights, apply, log, carried=False)
+    from .lora_switch import folder_switch
+
+    switch, standing = folder_switch(folder, entries, model_weights, apply, log, carried=False)
     return _Loaded(pipeline, _cpu_denoise(pipeline), settings, folder.model_name(), folder.model_hash(), height,
                    width, where, lambda: [e.free() for e in run.values()], run["unet"].inputs["sample"][0][1],
                    check=_folder_check(folder, entries, multiple), max_chunks=_max_chunks(folder, entries),
@@ -513,7 +505,9 @@ def _load_gpu(folder, log: Log, model_weights=None) -> _Loaded:
         if component == "unet":
             denoiser.release()  # graphs captured before the refit: captured again at the next call
 
-    switch, standing = _switch(folder, entries, model_weights, apply, log, carried=True)
+    from .lora_switch import folder_switch
+
+    switch, standing = folder_switch(folder, entries, model_weights, apply, log)
 
     def denoise(cond, scheduler, cfg, seed, latent_shape, on_step):  # the latents stay on the GPU for the VAE
         return denoiser.denoise(cond, scheduler, cfg, seed, on_step=on_step, keep_on_device=True,

@@ -73,6 +73,20 @@ def folder_sources(folder, entries: dict, model=None) -> dict[str, RefitSource]:
     return sources
 
 
+def folder_switch(folder, entries: dict, model, apply, log: Log = silent, carried: bool = True):
+    """(LoRASwitch over an engines folder's refittable networks, or None where none is; component -> the LoRAs the
+    folder's engines carry). `carried`: the networks carry those already (engines loaded from the folder); else
+    (networks defined afresh, as netexec's) they are put in now."""
+    sources = folder_sources(folder, entries, model)
+    standing = {c: folder.refit_loras(entries[c]) for c in LORA_COMPONENTS if c in entries}
+    if not sources:
+        return None, standing
+    switch = LoRASwitch(sources, apply, carried=standing if carried else None, log=log)
+    if not carried:
+        switch.set(standing)
+    return switch, standing
+
+
 def set_key(files: list[lora.LoRAFile], component: str) -> tuple:
     """What a component's weights depend on: each file touching it (its content's fingerprint, so a copy of a
     file is the same file) at its scale there."""

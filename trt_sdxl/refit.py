@@ -35,7 +35,7 @@ from .components import LORA_COMPONENTS
 from .errors import UserError, run_cli
 from .files import write_json, write_temporary
 from .log import logger
-from .lora_switch import LoRASwitch, folder_sources
+from .lora_switch import folder_switch
 from .runtime.manifest import EnginesFolder
 from .runtime.runtime_cache import FOLDER as RUNTIME_CACHE_FOLDER
 
@@ -104,10 +104,10 @@ def refit(engines_dir, loras: list, model=None, log=log, refitters=gpu_refitters
         raise UserError(f"{folder.folder}: its engines were not built refittable; rebuild with "
                         f"`{folder.rebuild_command(refittable=True)}`")
     engine_refitters: dict = {}  # component -> (refit, serialize), once the engines are loaded
-    switch = LoRASwitch(folder_sources(folder, entries, model),
-                        lambda c, weights, more: engine_refitters[c][0](weights, more) if c in engine_refitters
-                        else None,  # a component without an engine file: its network alone, nothing to send
-                        carried={c: folder.refit_loras(entries[c]) for c in refittable}, log=log)
+    switch, _ = folder_switch(folder, entries, model,
+                              lambda c, weights, more: engine_refitters[c][0](weights, more) if c in engine_refitters
+                              else None,  # a component without an engine file: its network alone, nothing to send
+                              log)
     touched = {c for f in switch.open(specs) for c in f.modules}  # each file read once: set() takes them from here
     fixed = sorted(touched - set(refittable))
     if fixed:
