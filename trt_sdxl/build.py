@@ -560,8 +560,6 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
             staged[CALIBRATION_FILE] = write_temporary(out / CALIBRATION_FILE, table.to_bytes())
         if refit_maps:
             staged[REFIT_MAP_FILE] = write_temporary(out / REFIT_MAP_FILE, json_bytes(refit_maps, indent=None))
-        if not refit_maps:
-            (out / REFIT_MAP_FILE).unlink(missing_ok=True)
         staging = stage_model_copy(copied, out)
         for name, tmp in list(staged.items()):
             os.replace(tmp, out / name)
@@ -570,6 +568,8 @@ def build(model, out: Path, precision: str = "fp16", batch: int | str = 1, heigh
         commit_model_copy(staging, out)
         staging = None
         (out / STATS_CACHE).unlink(missing_ok=True)
+        if not refit_maps:  # no engine of the folder is refittable any more; only now, with the rest written
+            (out / REFIT_MAP_FILE).unlink(missing_ok=True)
     finally:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
